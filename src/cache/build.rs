@@ -1,0 +1,130 @@
+//! Filling the cache: image paths in; entries on disk and a count of computed /
+//! already cached / skipped images out.
+//!
+//! A producer thread reads, hashes, decodes and letterboxes images in parallel
+//! (rayon) while the calling thread runs the engine on the previous batch and
+//! writes its entries, so preprocessing overlaps inference. Images that cannot
+//! be decoded are skipped with a warning naming the file, and counted.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Result;
+use crossbeam_channel::bounded;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ndarray::{Array4, Axis, Ix4};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::{Dtype, FeatureCache, entry, image_key};
+use crate::engine::Engine;
+use crate::preprocess::{self, Letterboxed};
+
+#[derive(Debug, Clone)]
+pub struct FillOptions {
+    pub batch_size: usize,
+    pub dtype: Dtype,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SkippedImage {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FillReport {
+    pub images: usize,
+    pub computed: usize,
+    pub cached: usize,
+    pub skipped: usize,
+    pub skipped_images: Vec<SkippedImage>,
+    pub seconds: f64,
+    /// Size of one newly written entry, when any was written.
+    pub bytes_per_image: Option<usize>,
+}
+
+enum Prepared {
+    Cached,
+    Skipped(String),
+    Ready(String, Letterboxed),
+}
+
+fn prepare(cache: &FeatureCache, path: &Path, dtype: Dtype, imgsz: usize) -> Prepared {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => return Prepared::Skipped(format!("cannot read it ({e})")),
+    };
+    let key = image_key(&bytes);
+    if cache.get(&key, dtype).is_some() {
+        return Prepared::Cached;
+    }
+    match preprocess::decode_bytes(&bytes) {
+        Ok(img) => Prepared::Ready(key, preprocess::letterbox(&img, imgsz)),
+        Err(e) => Prepared::Skipped(format!("{e:#}")),
+    }
+}
+
+/// Computes every missing entry for `images`.
+pub fn fill(cache: &FeatureCache, engine: &mut Engine, images: &[PathBuf], opts: &FillOptions) -> Result<FillReport> {
+    let start = Instant::now();
+    let imgsz = cache.info.imgsz;
+    let batch = opts.batch_size.max(1);
+    let bar = if opts.progress { ProgressBar::with_draw_target(Some(images.len() as u64), ProgressDrawTarget::stderr()) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}").unwrap().progress_chars("=> "));
+    bar.set_message(format!("caching features ({})", engine.name()));
+    let mut report = FillReport { images: images.len(), ..Default::default() };
+
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = bounded::<Vec<(PathBuf, Prepared)>>(2);
+        scope.spawn(move || {
+            for chunk in images.chunks(batch) {
+                let prepared: Vec<_> = chunk.par_iter().map(|p| (p.clone(), prepare(cache, p, opts.dtype, imgsz))).collect();
+                if tx.send(prepared).is_err() {
+                    break; // the consumer failed; stop early
+                }
+            }
+        });
+        for chunk in rx {
+            let mut ready = Vec::new();
+            for (path, p) in chunk {
+                match p {
+                    Prepared::Cached => report.cached += 1,
+                    Prepared::Skipped(reason) => {
+                        bar.suspend(|| eprintln!("warning: skipping {}: {reason}", path.display()));
+                        report.skipped_images.push(SkippedImage { path, reason });
+                    }
+                    Prepared::Ready(key, lb) => ready.push((key, lb)),
+                }
+            }
+            bar.inc((report.cached + report.skipped_images.len() + report.computed) as u64 - bar.position());
+            if ready.is_empty() {
+                continue;
+            }
+            let plane = 3 * imgsz * imgsz;
+            let mut input = Array4::<f32>::zeros((ready.len(), 3, imgsz, imgsz));
+            input.as_slice_mut().unwrap().par_chunks_mut(plane).zip(&ready).for_each(|(dst, (_, lb))| lb.write_chw(dst));
+            let outputs = engine.run(input.view())?;
+            let levels: Vec<_> = outputs.into_iter().map(|o| o.into_dimensionality::<Ix4>()).collect::<Result<_, _>>()?;
+            let sizes: Vec<usize> = ready
+                .par_iter()
+                .enumerate()
+                .map(|(b, (key, lb))| {
+                    let views: Vec<_> = levels.iter().map(|l| l.index_axis(Axis(0), b)).collect();
+                    let bytes = entry::encode(&views, lb.meta, opts.dtype);
+                    crate::fsutil::write_atomic(&cache.entry_path(key, opts.dtype), &bytes)?;
+                    Ok(bytes.len())
+                })
+                .collect::<Result<_>>()?;
+            report.bytes_per_image = sizes.first().copied();
+            report.computed += ready.len();
+            bar.inc(ready.len() as u64);
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    report.skipped = report.skipped_images.len();
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}

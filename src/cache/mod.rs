@@ -1,0 +1,126 @@
+//! The feature cache stage: a frozen graph and images in; one verified file of
+//! head-input feature maps per image out, content-addressed so that every later
+//! experiment reuses them.
+//!
+//! ```text
+//! CACHE_DIR/<graph key>/frozen.onnx      the frozen graph the features come from
+//! CACHE_DIR/<graph key>/cache.json       imgsz, levels, source model
+//! CACHE_DIR/<graph key>/f16/ab/<image key>.feat
+//! ```
+//! The graph key hashes the frozen graph bytes, imgsz and the preprocessing
+//! version; the image key hashes the image file's bytes. Labels are not part of
+//! any key, so relabelling never invalidates features.
+
+pub mod build;
+pub mod entry;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub use entry::{Dtype, Entry};
+
+use crate::graph::Model;
+use crate::preprocess::PREPROCESS_VERSION;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CacheLevel {
+    pub tensor: String,
+    pub channels: usize,
+    pub stride: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CacheInfo {
+    pub key: String,
+    pub imgsz: usize,
+    pub preprocess_version: u32,
+    pub source_model: String,
+    pub levels: Vec<CacheLevel>,
+}
+
+/// An opened (and, if new, initialised) cache directory for one frozen graph.
+pub struct FeatureCache {
+    pub dir: PathBuf,
+    pub info: CacheInfo,
+}
+
+/// `$FREEZESPLIT_CACHE`, else `$XDG_CACHE_HOME/freezesplit`, else `~/.cache/freezesplit`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("FREEZESPLIT_CACHE").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p).join("freezesplit");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache/freezesplit"),
+        None => PathBuf::from(".freezesplit-cache"),
+    }
+}
+
+pub fn graph_key(frozen: &[u8], imgsz: usize) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(frozen);
+    h.update(&(imgsz as u64).to_le_bytes());
+    h.update(&PREPROCESS_VERSION.to_le_bytes());
+    h.finalize().to_hex()[..24].to_string()
+}
+
+pub fn image_key(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex()[..32].to_string()
+}
+
+impl FeatureCache {
+    /// Opens the cache for `model` at `imgsz` under `root`, writing the frozen
+    /// graph and `cache.json` the first time. Returns the frozen bytes too.
+    pub fn open(root: &Path, model: &Model, imgsz: usize) -> Result<(FeatureCache, Vec<u8>)> {
+        let frozen = model.frozen_bytes()?;
+        let key = graph_key(&frozen, imgsz);
+        let dir = root.join(&key);
+        let info = CacheInfo {
+            key: key.clone(),
+            imgsz,
+            preprocess_version: PREPROCESS_VERSION,
+            source_model: model.path.display().to_string(),
+            levels: model.spec.levels.iter().map(|l| CacheLevel { tensor: l.input_tensor.clone(), channels: l.in_channels, stride: l.stride }).collect(),
+        };
+        let onnx_path = dir.join("frozen.onnx");
+        if std::fs::read(&onnx_path).ok().as_deref() != Some(&frozen[..]) {
+            crate::fsutil::write_atomic(&onnx_path, &frozen)?;
+        }
+        let info_path = dir.join("cache.json");
+        if !info_path.exists() {
+            crate::fsutil::write_atomic(&info_path, &serde_json::to_vec_pretty(&info)?)?;
+        }
+        Ok((FeatureCache { dir, info }, frozen))
+    }
+
+    /// Opens an existing cache directory (one that `open` made).
+    pub fn open_dir(dir: &Path) -> Result<FeatureCache> {
+        let p = dir.join("cache.json");
+        let info: CacheInfo = serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("{} is not a feature cache (no cache.json)", dir.display()))?)
+            .with_context(|| format!("{} is damaged", p.display()))?;
+        Ok(FeatureCache { dir: dir.to_path_buf(), info })
+    }
+
+    pub fn entry_path(&self, image_key: &str, dtype: Dtype) -> PathBuf {
+        self.dir.join(dtype.name()).join(&image_key[..2]).join(format!("{image_key}.feat"))
+    }
+
+    /// The verified entry of an image, if cached; a damaged entry counts as absent.
+    pub fn get(&self, image_key: &str, dtype: Dtype) -> Option<Entry> {
+        let p = self.entry_path(image_key, dtype);
+        if !p.exists() {
+            return None;
+        }
+        match Entry::open(&p) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                eprintln!("warning: {e:#}; it will be recomputed");
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! `freezesplit cache --weights MODEL --data data.yaml [--split train,val]`
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Args;
+use serde_json::json;
+
+use super::EngineArgs;
+use crate::cache::{Dtype, FeatureCache, build, default_cache_dir};
+use crate::data::Dataset;
+use crate::engine::Engine;
+use crate::graph::Model;
+
+#[derive(Args)]
+pub struct CacheArgs {
+    /// The exported YOLOv5 ONNX model
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// data.yaml of an Ultralytics-layout dataset
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Splits to cache, comma separated
+    #[arg(long, default_value = "train,val", value_delimiter = ',')]
+    pub split: Vec<String>,
+    /// Cache root (default: $FREEZESPLIT_CACHE or ~/.cache/freezesplit)
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Storage type of the features
+    #[arg(long, value_enum, default_value = "f16")]
+    pub dtype: Dtype,
+    /// Image size for dynamic exports (static exports use their own)
+    #[arg(long)]
+    pub imgsz: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Print the counts and the cache path as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The model's input size, checked against `--imgsz`.
+pub fn resolve_imgsz(model: &Model, requested: Option<usize>) -> Result<usize> {
+    match (model.spec.imgsz, requested) {
+        (Some([h, w]), _) if h != w => bail!("{} has a non-square input {h}x{w}; freezesplit letterboxes to squares", model.path.display()),
+        (Some([h, _]), Some(r)) if r != h => bail!("{} is a static {h}x{h} export; --imgsz {r} cannot be used with it (export it with --dynamic, or drop --imgsz)", model.path.display()),
+        (Some([h, _]), _) => Ok(h),
+        (None, Some(r)) if r % 32 != 0 => bail!("--imgsz {r} is not a multiple of the largest stride 32"),
+        (None, r) => Ok(r.unwrap_or(640)),
+    }
+}
+
+pub fn run(a: CacheArgs) -> Result<()> {
+    let model = Model::load(&a.weights)?;
+    let data = Dataset::load(&a.data)?;
+    let imgsz = resolve_imgsz(&model, a.imgsz)?;
+    let mut splits = Vec::new();
+    for s in &a.split {
+        let images = data.images(s)?;
+        if images.is_empty() {
+            bail!("the `{s}` split of {} has no images", a.data.display());
+        }
+        splits.push((s.clone(), images));
+    }
+    let root = a.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let (cache, frozen) = FeatureCache::open(&root, &model, imgsz)?;
+    let mut engine = Engine::new(&frozen, imgsz, &a.engine.options())?;
+    let opts = build::FillOptions { batch_size: a.batch_size, dtype: a.dtype, progress: !a.json };
+    let mut reports = serde_json::Map::new();
+    for (name, images) in &splits {
+        let r = build::fill(&cache, &mut engine, images, &opts)?;
+        if !a.json {
+            let rate = if r.computed > 0 { format!(", {:.1} images/s", r.computed as f64 / r.seconds) } else { String::new() };
+            println!(
+                "{name}: {} images: {} computed, {} already cached, {} skipped ({:.1}s{rate})",
+                r.images, r.computed, r.cached, r.skipped, r.seconds
+            );
+            if r.computed == 0 && r.skipped == 0 {
+                println!("{name}: nothing new to compute");
+            }
+        }
+        reports.insert(name.clone(), serde_json::to_value(&r)?);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json!({"cache": cache.dir, "engine": engine.name(), "imgsz": imgsz, "dtype": a.dtype, "splits": reports}))?);
+    } else {
+        println!("cache: {} ({})", cache.dir.display(), engine.name());
+    }
+    Ok(())
+}

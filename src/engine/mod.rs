@@ -1,0 +1,122 @@
+//! The engine stage: frozen-graph ONNX bytes and letterboxed batches in;
+//! per-level feature maps out. Two back ends: ONNX Runtime through `ort`
+//! (loaded at run time from a shared library, CPU or CUDA) and pure-Rust
+//! `tract-onnx`, the embedded default that needs nothing installed.
+
+pub mod ort_engine;
+pub mod tract_engine;
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use ndarray::{ArrayD, ArrayView4};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineChoice {
+    Auto,
+    Ort,
+    Tract,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Device {
+    Auto,
+    Cpu,
+    Cuda(i32),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(n)) => Ok(Device::Cuda(n)),
+                _ => Err(format!("unknown device `{s}`: use cpu, cuda, cuda:N or auto")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Auto => write!(f, "auto"),
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Validated engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub engine: EngineChoice,
+    pub device: Device,
+    pub ort_lib: Option<PathBuf>,
+    /// Worker threads; 0 means all cores.
+    pub threads: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { engine: EngineChoice::Auto, device: Device::Auto, ort_lib: None, threads: 0 }
+    }
+}
+
+impl EngineOptions {
+    pub fn threads(&self) -> usize {
+        if self.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { self.threads }
+    }
+}
+
+/// A loaded frozen graph, ready to run.
+pub enum Engine {
+    Ort(ort_engine::OrtEngine),
+    Tract(tract_engine::TractEngine),
+}
+
+impl Engine {
+    /// Builds the engine the options ask for. `auto` takes ONNX Runtime when
+    /// its library is found, else tract, and says so on stderr.
+    pub fn new(frozen: &[u8], imgsz: usize, opts: &EngineOptions) -> Result<Engine> {
+        match opts.engine {
+            EngineChoice::Ort => Ok(Engine::Ort(ort_engine::OrtEngine::new(frozen, opts)?)),
+            EngineChoice::Tract => {
+                if let Device::Cuda(_) = opts.device {
+                    bail!("the tract engine runs on the CPU only; use --engine ort for --device cuda");
+                }
+                Ok(Engine::Tract(tract_engine::TractEngine::new(frozen, imgsz, opts)?))
+            }
+            EngineChoice::Auto => match ort_engine::find_library(opts.ort_lib.as_deref()) {
+                Some(_) => Ok(Engine::Ort(ort_engine::OrtEngine::new(frozen, opts)?)),
+                None => {
+                    if let Device::Cuda(_) = opts.device {
+                        bail!("--device cuda needs ONNX Runtime, and its library was not found: pass --ort-lib or set ORT_DYLIB_PATH");
+                    }
+                    eprintln!("note: ONNX Runtime library not found (--ort-lib, ORT_DYLIB_PATH or ./.venv); using the tract engine");
+                    Ok(Engine::Tract(tract_engine::TractEngine::new(frozen, imgsz, opts)?))
+                }
+            },
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Engine::Ort(e) => format!("ort ({})", e.device_label),
+            Engine::Tract(_) => "tract (cpu)".to_string(),
+        }
+    }
+
+    /// Runs a batch `[B, 3, H, W]`; returns the graph outputs in order (for a
+    /// frozen graph: the head inputs `[B, C, h, w]`, level by level).
+    pub fn run(&mut self, batch: ArrayView4<f32>) -> Result<Vec<ArrayD<f32>>> {
+        match self {
+            Engine::Ort(e) => e.run(batch),
+            Engine::Tract(e) => e.run(batch),
+        }
+    }
+}

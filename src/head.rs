@@ -1,0 +1,210 @@
+//! The Detect head as plain Rust data: three 1x1 convolutions (weights and
+//! biases), anchors, strides, nc and names. In: a `Model` (or a saved head);
+//! out: raw conv outputs, YOLOv5's decoded `output0`, and safetensors + JSON on
+//! disk.
+//!
+//! Layout follows YOLOv5: conv output channel `a * no + k` is anchor `a`,
+//! field `k` (x, y, w, h, obj, cls...); decoded rows run level by level, then
+//! anchor, then grid row `y`, then column `x`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use ndarray::{Array1, Array2, ArrayView2, Axis, s};
+use serde::{Deserialize, Serialize};
+
+use crate::graph::Model;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Head {
+    pub nc: usize,
+    pub names: Vec<String>,
+    pub strides: Vec<f32>,
+    /// Anchors in pixels per level, `[w, h]`.
+    pub anchors: Vec<Vec<[f32; 2]>>,
+    /// Per level `[na * no, in_channels]`.
+    pub weights: Vec<Array2<f32>>,
+    /// Per level `[na * no]`.
+    pub biases: Vec<Array1<f32>>,
+}
+
+/// The small JSON that travels next to the safetensors file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadMeta {
+    pub nc: usize,
+    pub names: Vec<String>,
+    pub strides: Vec<f32>,
+    pub anchors: Vec<Vec<[f32; 2]>>,
+    /// Free-form provenance: source model, cache key, run.
+    #[serde(default)]
+    pub source: HashMap<String, String>,
+}
+
+impl Head {
+    pub fn from_model(model: &Model) -> Result<Head> {
+        let spec = &model.spec;
+        let mut weights = Vec::new();
+        let mut biases = Vec::new();
+        for l in &spec.levels {
+            let (wd, w) = model.initializer_f32(&l.weight)?;
+            let (_, b) = model.initializer_f32(&l.bias)?;
+            weights.push(Array2::from_shape_vec((wd[0], wd[1]), w)?);
+            biases.push(Array1::from_vec(b));
+        }
+        Ok(Head {
+            nc: spec.nc,
+            names: spec.names.clone(),
+            strides: spec.strides(),
+            anchors: spec.levels.iter().map(|l| l.anchors.clone()).collect(),
+            weights,
+            biases,
+        })
+    }
+
+    pub fn na(&self) -> usize {
+        self.anchors[0].len()
+    }
+    pub fn no(&self) -> usize {
+        self.nc + 5
+    }
+    pub fn nl(&self) -> usize {
+        self.weights.len()
+    }
+    pub fn in_channels(&self) -> Vec<usize> {
+        self.weights.iter().map(|w| w.ncols()).collect()
+    }
+
+    /// The raw 1x1 conv of one level on one image: features `[C, H*W]` in,
+    /// `[na*no, H*W]` out.
+    pub fn conv(&self, level: usize, features: ArrayView2<f32>) -> Array2<f32> {
+        let mut out = self.weights[level].dot(&features);
+        out += &self.biases[level].view().insert_axis(Axis(1));
+        out
+    }
+
+    /// YOLOv5's inference output for one image: features per level as
+    /// `([C, H*W], H, W)`, out `[sum(na*H*W), no]` with xywh in input pixels and
+    /// sigmoid confidences, exactly as the exported `output0`.
+    pub fn decode(&self, levels: &[(ArrayView2<f32>, usize, usize)]) -> Array2<f32> {
+        let (na, no) = (self.na(), self.no());
+        let rows: usize = levels.iter().map(|(_, h, w)| na * h * w).sum();
+        let mut out = Array2::<f32>::zeros((rows, no));
+        let mut row = 0;
+        for (li, (feat, ny, nx)) in levels.iter().enumerate() {
+            let raw = self.conv(li, *feat);
+            let stride = self.strides[li];
+            for a in 0..na {
+                let [aw, ah] = self.anchors[li][a];
+                let block = raw.slice(s![a * no..(a + 1) * no, ..]);
+                for y in 0..*ny {
+                    for x in 0..*nx {
+                        let p = y * nx + x;
+                        let mut o = out.row_mut(row);
+                        for k in 0..no {
+                            o[k] = sigmoid(block[[k, p]]);
+                        }
+                        // (2σ - 0.5 + grid) * stride; (2σ)² * anchor
+                        o[0] = (o[0] * 2.0 - 0.5 + x as f32) * stride;
+                        o[1] = (o[1] * 2.0 - 0.5 + y as f32) * stride;
+                        o[2] = (o[2] * 2.0).powi(2) * aw;
+                        o[3] = (o[3] * 2.0).powi(2) * ah;
+                        row += 1;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn meta(&self, source: HashMap<String, String>) -> HeadMeta {
+        HeadMeta { nc: self.nc, names: self.names.clone(), strides: self.strides.clone(), anchors: self.anchors.clone(), source }
+    }
+
+    /// Writes `<stem>.safetensors` and `<stem>.json` atomically.
+    pub fn save(&self, stem: &Path, source: HashMap<String, String>) -> Result<()> {
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (i, (w, b)) in self.weights.iter().zip(&self.biases).enumerate() {
+            let w = w.as_standard_layout();
+            tensors.push((format!("m.{i}.weight"), vec![w.nrows(), w.ncols(), 1, 1], bytemuck::cast_slice(w.as_slice().unwrap()).to_vec()));
+            tensors.push((format!("m.{i}.bias"), vec![b.len()], bytemuck::cast_slice(b.as_slice().unwrap()).to_vec()));
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(n, shape, data)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)?)))
+            .collect::<Result<_>>()?;
+        let bytes = safetensors::serialize(views, None)?;
+        crate::fsutil::write_atomic(&stem.with_extension("safetensors"), &bytes)?;
+        let meta = serde_json::to_vec_pretty(&self.meta(source))?;
+        crate::fsutil::write_atomic(&stem.with_extension("json"), &meta)?;
+        Ok(())
+    }
+
+    pub fn load(stem: &Path) -> Result<Head> {
+        let st_path = stem.with_extension("safetensors");
+        let json_path = stem.with_extension("json");
+        let meta: HeadMeta = serde_json::from_slice(&std::fs::read(&json_path).with_context(|| format!("cannot read {}", json_path.display()))?)
+            .with_context(|| format!("{} is not a head metadata file", json_path.display()))?;
+        let bytes = std::fs::read(&st_path).with_context(|| format!("cannot read {}", st_path.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a safetensors file", st_path.display()))?;
+        let mut weights = Vec::new();
+        let mut biases = Vec::new();
+        for i in 0..meta.strides.len() {
+            let w = st.tensor(&format!("m.{i}.weight")).with_context(|| format!("{}: no m.{i}.weight", st_path.display()))?;
+            let b = st.tensor(&format!("m.{i}.bias")).with_context(|| format!("{}: no m.{i}.bias", st_path.display()))?;
+            if w.dtype() != safetensors::Dtype::F32 || b.dtype() != safetensors::Dtype::F32 || w.shape().len() != 4 {
+                bail!("{}: level {i} is not an f32 1x1 convolution", st_path.display());
+            }
+            let wv: Vec<f32> = w.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let bv: Vec<f32> = b.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            weights.push(Array2::from_shape_vec((w.shape()[0], w.shape()[1]), wv)?);
+            biases.push(Array1::from_vec(bv));
+        }
+        Ok(Head { nc: meta.nc, names: meta.names, strides: meta.strides, anchors: meta.anchors, weights, biases })
+    }
+}
+
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_head() -> Head {
+        let no = 6;
+        Head {
+            nc: 1,
+            names: vec!["thing".into()],
+            strides: vec![8.0],
+            anchors: vec![vec![[10.0, 13.0]]],
+            weights: vec![Array2::from_shape_fn((no, 2), |(i, j)| (i as f32 - j as f32) * 0.1)],
+            biases: vec![Array1::from_shape_fn(no, |i| i as f32 * 0.01)],
+        }
+    }
+
+    #[test]
+    fn decode_is_yolov5s_formula() {
+        let h = tiny_head();
+        // one image, 2 channels, 1x2 grid
+        let feat = Array2::from_shape_vec((2, 2), vec![0.5, -1.0, 2.0, 0.0]).unwrap();
+        let out = h.decode(&[(feat.view(), 1, 2)]);
+        let raw = h.conv(0, feat.view());
+        let x = 1; // second cell
+        let sx = sigmoid(raw[[0, x]]);
+        assert!((out[[1, 0]] - (sx * 2.0 - 0.5 + 1.0) * 8.0).abs() < 1e-6);
+        let sw = sigmoid(raw[[2, x]]);
+        assert!((out[[1, 2]] - (2.0 * sw).powi(2) * 10.0).abs() < 1e-6);
+        assert!((out[[1, 5]] - sigmoid(raw[[5, x]])).abs() < 1e-7);
+    }
+
+    #[test]
+    fn save_load_round_trip() {
+        let h = tiny_head();
+        let dir = tempfile::tempdir().unwrap();
+        h.save(&dir.path().join("head"), HashMap::new()).unwrap();
+        assert_eq!(Head::load(&dir.path().join("head")).unwrap(), h);
+    }
+}

@@ -1,0 +1,15 @@
+//! freezesplit: fine-tune the Detect head of an exported YOLOv5 ONNX on CPU.
+//!
+//! The pipeline is the architecture: model graph (`graph`) → split
+//! (`graph::split`) → engine (`engine`) → feature cache (`cache`) → head
+//! (`head`) → training → metrics → export. The `freezesplit` binary is a thin
+//! layer over these modules (`cli`).
+
+pub mod cache;
+pub mod cli;
+pub mod data;
+pub mod engine;
+pub mod fsutil;
+pub mod graph;
+pub mod head;
+pub mod preprocess;

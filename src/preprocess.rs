@@ -1,0 +1,265 @@
+//! An image file in; YOLOv5's validation input out: RGB, long side resized to
+//! `imgsz` (`load_image`), letterboxed to a square with value 114 (`letterbox`,
+//! `auto=False, scaleup=False`), scaled to [0, 1], CHW f32.
+//!
+//! The two resamplers reproduce OpenCV's, which YOLOv5 calls: INTER_AREA when
+//! shrinking (exact area weights, float sums, rounded) and INTER_LINEAR when
+//! enlarging (half-pixel centres, 11-bit fixed-point weights). The rounding of
+//! sizes and padding follows the Python code, including Python's `round`
+//! (half to even).
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use serde::{Deserialize, Serialize};
+
+/// Bump whenever the pixels this module produces change: it is part of the
+/// feature cache key.
+pub const PREPROCESS_VERSION: u32 = 1;
+
+/// How the original image maps into the letterboxed square.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LetterboxMeta {
+    /// Original `[h0, w0]`.
+    pub shape0: [usize; 2],
+    /// Size after `load_image`'s resize, `[h, w]`.
+    pub resized: [usize; 2],
+    /// Letterbox padding `[dw, dh]` per side as YOLOv5 returns it (may be .5).
+    pub pad: [f32; 2],
+    pub imgsz: usize,
+}
+
+impl LetterboxMeta {
+    /// YOLOv5's `ratio_pad` gain `[h/h0, w/w0]`.
+    pub fn gain(&self) -> [f32; 2] {
+        [self.resized[0] as f32 / self.shape0[0] as f32, self.resized[1] as f32 / self.shape0[1] as f32]
+    }
+}
+
+/// A letterboxed image, HWC RGB u8 of `imgsz x imgsz`.
+pub struct Letterboxed {
+    pub pixels: RgbImage,
+    pub meta: LetterboxMeta,
+}
+
+impl Letterboxed {
+    /// Writes the image as CHW f32 in [0, 1] into `out` (`3 * imgsz²` values).
+    pub fn write_chw(&self, out: &mut [f32]) {
+        let plane = (self.meta.imgsz * self.meta.imgsz) as usize;
+        assert_eq!(out.len(), 3 * plane);
+        let (r, rest) = out.split_at_mut(plane);
+        let (g, b) = rest.split_at_mut(plane);
+        for (i, p) in self.pixels.as_raw().chunks_exact(3).enumerate() {
+            r[i] = p[0] as f32 / 255.0;
+            g[i] = p[1] as f32 / 255.0;
+            b[i] = p[2] as f32 / 255.0;
+        }
+    }
+}
+
+/// Decodes an image file to RGB, applying EXIF orientation as `cv2.imread` does.
+pub fn decode(path: &Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    decode_bytes(&bytes).with_context(|| format!("{} is not a readable image", path.display()))
+}
+
+pub fn decode_bytes(bytes: &[u8]) -> Result<RgbImage> {
+    if bytes.is_empty() {
+        bail!("the file is empty");
+    }
+    let reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+    let mut decoder = reader.into_decoder()?;
+    let orientation = decoder.orientation().ok();
+    let mut img = DynamicImage::from_decoder(decoder)?;
+    if let Some(o) = orientation {
+        img.apply_orientation(o);
+    }
+    let rgb = img.to_rgb8();
+    if rgb.width() < 2 || rgb.height() < 2 {
+        bail!("the image is {}x{}, too small", rgb.width(), rgb.height());
+    }
+    Ok(rgb)
+}
+
+/// `load_image` + `letterbox` as YOLOv5's validation dataloader does them.
+pub fn letterbox(img: &RgbImage, imgsz: usize) -> Letterboxed {
+    let (h0, w0) = (img.height() as usize, img.width() as usize);
+    let r = imgsz as f64 / h0.max(w0) as f64;
+    let resized = if r != 1.0 {
+        let (w, h) = ((w0 as f64 * r).ceil() as usize, (h0 as f64 * r).ceil() as usize);
+        if r > 1.0 { resize_linear(img, w, h) } else { resize_area(img, w, h) }
+    } else {
+        img.clone()
+    };
+    // letterbox(img, (imgsz, imgsz), auto=False, scaleup=False)
+    let (h, w) = (resized.height() as usize, resized.width() as usize);
+    let lr = (imgsz as f64 / h as f64).min(imgsz as f64 / w as f64).min(1.0);
+    let (uw, uh) = (py_round(w as f64 * lr) as usize, py_round(h as f64 * lr) as usize);
+    let dw = (imgsz - uw) as f64 / 2.0;
+    let dh = (imgsz - uh) as f64 / 2.0;
+    let inner = if (uw, uh) != (w, h) { resize_linear(&resized, uw, uh) } else { resized };
+    let top = py_round(dh - 0.1) as usize;
+    let left = py_round(dw - 0.1) as usize;
+    let mut out = RgbImage::from_pixel(imgsz as u32, imgsz as u32, image::Rgb([114, 114, 114]));
+    image::imageops::replace(&mut out, &inner, left as i64, top as i64);
+    Letterboxed {
+        pixels: out,
+        meta: LetterboxMeta { shape0: [h0, w0], resized: [uh, uw], pad: [dw as f32, dh as f32], imgsz },
+    }
+}
+
+/// Python's `round`: half to even.
+fn py_round(x: f64) -> f64 {
+    x.round_ties_even()
+}
+
+/// OpenCV INTER_LINEAR on u8: source coordinate `(d + 0.5) * scale - 0.5`,
+/// clamped at the borders, weights in 11-bit fixed point, two passes.
+pub fn resize_linear(src: &RgbImage, dw: usize, dh: usize) -> RgbImage {
+    const BITS: i32 = 11;
+    const ONE: i32 = 1 << BITS;
+    let (sw, sh) = (src.width() as usize, src.height() as usize);
+    let taps = |ssize: usize, dsize: usize| -> Vec<(usize, usize, i32, i32)> {
+        let scale = ssize as f64 / dsize as f64;
+        (0..dsize)
+            .map(|d| {
+                let f = (d as f64 + 0.5) * scale - 0.5;
+                let mut s = f.floor() as i64;
+                let mut frac = (f - s as f64) as f32;
+                if s < 0 {
+                    s = 0;
+                    frac = 0.0;
+                }
+                if s >= ssize as i64 - 1 {
+                    s = ssize as i64 - 1;
+                    frac = 0.0;
+                }
+                let a0 = ((1.0 - frac) * ONE as f32).round_ties_even() as i32;
+                let s1 = (s as usize + 1).min(ssize - 1);
+                (s as usize, s1, a0, ONE - a0)
+            })
+            .collect()
+    };
+    let xt = taps(sw, dw);
+    let yt = taps(sh, dh);
+    let srcb = src.as_raw();
+    // horizontal pass on every source row, kept as ints scaled by 2^11
+    let mut rows = vec![0i32; sh * dw * 3];
+    for y in 0..sh {
+        let srow = &srcb[y * sw * 3..(y + 1) * sw * 3];
+        let drow = &mut rows[y * dw * 3..(y + 1) * dw * 3];
+        for (x, &(s0, s1, a0, a1)) in xt.iter().enumerate() {
+            for c in 0..3 {
+                drow[x * 3 + c] = srow[s0 * 3 + c] as i32 * a0 + srow[s1 * 3 + c] as i32 * a1;
+            }
+        }
+    }
+    let mut out = vec![0u8; dh * dw * 3];
+    for (y, &(s0, s1, b0, b1)) in yt.iter().enumerate() {
+        let r0 = &rows[s0 * dw * 3..(s0 + 1) * dw * 3];
+        let r1 = &rows[s1 * dw * 3..(s1 + 1) * dw * 3];
+        for (i, o) in out[y * dw * 3..(y + 1) * dw * 3].iter_mut().enumerate() {
+            let v = (r0[i] as i64 * b0 as i64 + r1[i] as i64 * b1 as i64 + (1 << (2 * BITS - 1))) >> (2 * BITS);
+            *o = v.clamp(0, 255) as u8;
+        }
+    }
+    RgbImage::from_raw(dw as u32, dh as u32, out).unwrap()
+}
+
+/// OpenCV INTER_AREA for shrinking: each destination pixel is the
+/// area-weighted mean of the source pixels its footprint covers.
+pub fn resize_area(src: &RgbImage, dw: usize, dh: usize) -> RgbImage {
+    let (sw, sh) = (src.width() as usize, src.height() as usize);
+    let xt = area_tab(sw, dw);
+    let yt = area_tab(sh, dh);
+    let srcb = src.as_raw();
+    // horizontal pass per source row
+    let mut rows = vec![0f32; sh * dw * 3];
+    for y in 0..sh {
+        let srow = &srcb[y * sw * 3..(y + 1) * sw * 3];
+        let drow = &mut rows[y * dw * 3..(y + 1) * dw * 3];
+        for &(d, s, a) in &xt {
+            for c in 0..3 {
+                drow[d * 3 + c] += srow[s * 3 + c] as f32 * a;
+            }
+        }
+    }
+    let mut acc = vec![0f32; dh * dw * 3];
+    for &(d, s, b) in &yt {
+        let r = &rows[s * dw * 3..(s + 1) * dw * 3];
+        for (o, v) in acc[d * dw * 3..(d + 1) * dw * 3].iter_mut().zip(r) {
+            *o += v * b;
+        }
+    }
+    let out = acc.into_iter().map(|v| v.round_ties_even().clamp(0.0, 255.0) as u8).collect();
+    RgbImage::from_raw(dw as u32, dh as u32, out).unwrap()
+}
+
+/// OpenCV's `computeResizeAreaTab`: (dst index, src index, weight) triples.
+fn area_tab(ssize: usize, dsize: usize) -> Vec<(usize, usize, f32)> {
+    let scale = ssize as f64 / dsize as f64;
+    let mut tab = Vec::new();
+    for d in 0..dsize {
+        let fs1 = d as f64 * scale;
+        let fs2 = fs1 + scale;
+        let cell = scale.min(ssize as f64 - fs1);
+        let mut s1 = fs1.ceil() as usize;
+        let s2 = (fs2.floor() as usize).min(ssize - 1);
+        s1 = s1.min(s2);
+        if s1 as f64 - fs1 > 1e-3 {
+            tab.push((d, s1 - 1, ((s1 as f64 - fs1) / cell) as f32));
+        }
+        for s in s1..s2 {
+            tab.push((d, s, (1.0 / cell) as f32));
+        }
+        if fs2 - s2 as f64 > 1e-3 {
+            tab.push((d, s2, ((fs2 - s2 as f64).min(1.0).min(cell) / cell) as f32));
+        }
+    }
+    tab
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn letterbox_geometry_matches_yolov5() {
+        // 810x1080 (bus.jpg) at 640: long side 1080 -> 640, width ceil(810*0.5926)=480
+        let img = RgbImage::from_pixel(810, 1080, image::Rgb([10, 20, 30]));
+        let lb = letterbox(&img, 640);
+        assert_eq!(lb.meta.resized, [640, 480]);
+        assert_eq!(lb.meta.pad, [80.0, 0.0]);
+        assert_eq!(lb.pixels.get_pixel(0, 0).0, [114, 114, 114]);
+        assert_eq!(lb.pixels.get_pixel(80, 0).0, [10, 20, 30]);
+        assert_eq!(lb.pixels.get_pixel(559, 639).0, [10, 20, 30]);
+        assert_eq!(lb.pixels.get_pixel(560, 639).0, [114, 114, 114]);
+    }
+
+    #[test]
+    fn odd_padding_splits_as_yolov5() {
+        // 100x33 at 100: dh = 67/2 = 33.5 -> top round(33.4)=33, bottom 34
+        let img = RgbImage::from_pixel(100, 33, image::Rgb([0, 0, 0]));
+        let lb = letterbox(&img, 100);
+        assert_eq!(lb.pixels.get_pixel(0, 32).0, [114, 114, 114]);
+        assert_eq!(lb.pixels.get_pixel(0, 33).0, [0, 0, 0]);
+        assert_eq!(lb.pixels.get_pixel(0, 65).0, [0, 0, 0]);
+        assert_eq!(lb.pixels.get_pixel(0, 66).0, [114, 114, 114]);
+    }
+
+    #[test]
+    fn area_halving_is_a_box_mean() {
+        let src = RgbImage::from_fn(4, 2, |x, _| image::Rgb([(x * 10) as u8, 0, 255]));
+        let out = resize_area(&src, 2, 1);
+        assert_eq!(out.get_pixel(0, 0).0, [5, 0, 255]);
+        assert_eq!(out.get_pixel(1, 0).0, [25, 0, 255]);
+    }
+
+    #[test]
+    fn linear_keeps_constant_images() {
+        let src = RgbImage::from_pixel(3, 5, image::Rgb([7, 77, 177]));
+        let out = resize_linear(&src, 7, 11);
+        assert!(out.pixels().all(|p| p.0 == [7, 77, 177]));
+    }
+}
