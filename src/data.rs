@@ -39,6 +39,7 @@ impl Dataset {
         let base = yaml.parent().unwrap_or(Path::new("."));
         let root = match raw.path.as_deref().filter(|p| !p.is_empty()) {
             Some(p) if Path::new(p).is_absolute() => PathBuf::from(p),
+            Some(".") | Some("./") => base.to_path_buf(),
             Some(p) => base.join(p),
             None => base.to_path_buf(),
         };

@@ -5,6 +5,7 @@
 //! (`head`) → training → metrics → export. The `freezesplit` binary is a thin
 //! layer over these modules (`cli`).
 
+pub mod autograd;
 pub mod cache;
 pub mod cli;
 pub mod data;
@@ -12,4 +13,5 @@ pub mod engine;
 pub mod fsutil;
 pub mod graph;
 pub mod head;
+pub mod loss;
 pub mod preprocess;

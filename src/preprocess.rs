@@ -68,6 +68,9 @@ pub fn decode_bytes(bytes: &[u8]) -> Result<RgbImage> {
     if bytes.is_empty() {
         bail!("the file is empty");
     }
+    if is_truncated_jpeg(bytes) {
+        bail!("the JPEG is truncated (no end-of-image marker after its image data)");
+    }
     let reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
     let mut decoder = reader.into_decoder()?;
     let orientation = decoder.orientation().ok();
@@ -80,6 +83,20 @@ pub fn decode_bytes(bytes: &[u8]) -> Result<RgbImage> {
         bail!("the image is {}x{}, too small", rgb.width(), rgb.height());
     }
     Ok(rgb)
+}
+
+/// JPEG decoders fill a truncated scan with grey instead of failing; YOLOv5
+/// checks the end-of-image marker for the same reason. Data after the marker
+/// (some cameras append some) is allowed.
+fn is_truncated_jpeg(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    match last_scan {
+        Some(sos) => !bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9]),
+        None => true,
+    }
 }
 
 /// `load_image` + `letterbox` as YOLOv5's validation dataloader does them.
@@ -160,8 +177,12 @@ pub fn resize_linear(src: &RgbImage, dw: usize, dh: usize) -> RgbImage {
         let r0 = &rows[s0 * dw * 3..(s0 + 1) * dw * 3];
         let r1 = &rows[s1 * dw * 3..(s1 + 1) * dw * 3];
         for (i, o) in out[y * dw * 3..(y + 1) * dw * 3].iter_mut().enumerate() {
-            let v = (r0[i] as i64 * b0 as i64 + r1[i] as i64 * b1 as i64 + (1 << (2 * BITS - 1))) >> (2 * BITS);
-            *o = v.clamp(0, 255) as u8;
+            // OpenCV's SIMD vertical pass: rows >> 4 to 16 bits, 16x16 high
+            // multiply, saturating add, then (y + 2) >> 2.
+            let y0 = ((r0[i] >> 4) * b0) >> 16;
+            let y1 = ((r1[i] >> 4) * b1) >> 16;
+            let y = (y0 + y1).clamp(i16::MIN as i32, i16::MAX as i32);
+            *o = ((y + 2) >> 2).clamp(0, 255) as u8;
         }
     }
     RgbImage::from_raw(dw as u32, dh as u32, out).unwrap()
@@ -223,6 +244,16 @@ fn area_tab(ssize: usize, dsize: usize) -> Vec<(usize, usize, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncated_jpegs_are_recognised() {
+        let mut jpg = vec![0xFF, 0xD8, 0xFF, 0xDA, 1, 2, 3, 0xFF, 0xD9];
+        assert!(!is_truncated_jpeg(&jpg));
+        jpg.extend_from_slice(b"trailing");
+        assert!(!is_truncated_jpeg(&jpg));
+        assert!(is_truncated_jpeg(&jpg[..6]));
+        assert!(!is_truncated_jpeg(b"\x89PNG"));
+    }
 
     #[test]
     fn letterbox_geometry_matches_yolov5() {

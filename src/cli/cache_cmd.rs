@@ -77,7 +77,7 @@ pub fn run(a: CacheArgs) -> Result<()> {
                 "{name}: {} images: {} computed, {} already cached, {} skipped ({:.1}s{rate})",
                 r.images, r.computed, r.cached, r.skipped, r.seconds
             );
-            if r.computed == 0 && r.skipped == 0 {
+            if r.computed == 0 {
                 println!("{name}: nothing new to compute");
             }
         }

@@ -1,0 +1,18 @@
+// Minimal reverse-mode autograd over f32 ndarray arrays.
+// In: parameter/constant leaves and whole-array ops recorded on a `Tape`.
+// Out: `Tape::backward(loss)` -> `Grads` for the parameter leaves.
+
+pub mod binary;
+pub mod loss_ops;
+pub mod matmul;
+pub mod reduce;
+pub mod shape;
+pub mod tape;
+pub mod unary;
+
+#[cfg(test)]
+pub(crate) mod fd;
+
+pub use binary::BinaryOp;
+pub use tape::{GradAcc, Grads, Op, Tape, Var};
+pub use unary::UnaryOp;

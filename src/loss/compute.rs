@@ -1,0 +1,258 @@
+// YOLOv5 v7.0 ComputeLoss.__call__ on the tape.
+// In: per level the raw head output p[i] as a [bs*na*ny*nx, no] var with rows
+// in (b, a, y, x) order (= YOLOv5's p[i] of shape [bs, na, ny, nx, no],
+// flattened), the grids (ny, nx), bs, targets [nt, 6] (image, class, x, y, w,
+// h normalised), and a `LossConfig` (hyp, nc, anchors in grid units).
+// Out: `LossParts` vars: total = (lbox + lobj + lcls) * bs and the three parts
+// (already multiplied by hyp box/obj/cls), all 0-d.
+
+use ndarray::{Array2, ArrayView2};
+
+use super::bbox::bbox_ciou;
+use super::hyp::{Hyp, balance_for, smooth_bce};
+use super::targets::{LevelTargets, build_targets};
+use crate::autograd::{Tape, Var};
+
+/// Focal loss alpha, as YOLOv5's FocalLoss default.
+const FOCAL_ALPHA: f32 = 0.25;
+
+#[derive(Clone, Debug)]
+pub struct LossConfig {
+    pub hyp: Hyp,
+    pub nc: usize,
+    /// Per level, na anchors (w, h) in grid units (Detect.anchors).
+    pub anchors: Vec<Vec<[f32; 2]>>,
+    /// Obj loss weight per level ([4.0, 1.0, 0.4] for 3 levels).
+    pub balance: Vec<f32>,
+    /// IoU ratio used as obj target (1.0 in YOLOv5).
+    pub gr: f32,
+}
+
+impl LossConfig {
+    pub fn new(hyp: Hyp, nc: usize, anchors: Vec<Vec<[f32; 2]>>) -> LossConfig {
+        let balance = balance_for(anchors.len());
+        LossConfig {
+            hyp,
+            nc,
+            anchors,
+            balance,
+            gr: 1.0,
+        }
+    }
+
+    pub fn na(&self) -> usize {
+        self.anchors[0].len()
+    }
+
+    pub fn no(&self) -> usize {
+        self.nc + 5
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct LossParts {
+    pub total: Var,
+    pub lbox: Var,
+    pub lobj: Var,
+    pub lcls: Var,
+}
+
+/// Mean of BCEWithLogits(pos_weight), optionally wrapped in YOLOv5's FocalLoss.
+/// `target` is a plain array: targets never need gradients.
+fn bce_mean(t: &mut Tape, logits: Var, target: ndarray::ArrayD<f32>, pw: f32, gamma: f32) -> Var {
+    let focal = (gamma > 0.0).then(|| {
+        // alpha_factor = true*a + (1-true)*(1-a); p_t needs 1-true as well.
+        let af = target.mapv(|y| y * FOCAL_ALPHA + (1.0 - y) * (1.0 - FOCAL_ALPHA));
+        let one_minus = target.mapv(|y| 1.0 - y);
+        (af, one_minus)
+    });
+    let tc = t.constant(target);
+    let mut loss = t.bce_with_logits(logits, tc, pw);
+    if let Some((af, one_minus)) = focal {
+        // p_t = true * p + (1 - true) * (1 - p); loss *= af * (1 - p_t)^gamma
+        let p = t.sigmoid(logits);
+        let tp = t.mul(tc, p);
+        let q = t.neg(p);
+        let q = t.add_scalar(q, 1.0);
+        let om = t.constant(one_minus);
+        let tq = t.mul(om, q);
+        let p_t = t.add(tp, tq);
+        let m = t.neg(p_t);
+        let m = t.add_scalar(m, 1.0);
+        let m = t.pow(m, gamma);
+        let afc = t.constant(af);
+        let factor = t.mul(afc, m);
+        loss = t.mul(loss, factor);
+    }
+    t.mean(loss)
+}
+
+pub fn compute_loss(
+    t: &mut Tape,
+    cfg: &LossConfig,
+    p: &[Var],
+    grids: &[(usize, usize)],
+    bs: usize,
+    targets: ArrayView2<f32>,
+) -> LossParts {
+    let nl = p.len();
+    let (na, no, nc) = (cfg.na(), cfg.no(), cfg.nc);
+    assert_eq!(grids.len(), nl);
+    assert_eq!(cfg.anchors.len(), nl);
+    let h = &cfg.hyp;
+    let (cp, cn) = smooth_bce(h.label_smoothing);
+    let tgts: Vec<LevelTargets> = build_targets(targets, &cfg.anchors, grids, h.anchor_t);
+
+    let mut lbox: Option<Var> = None;
+    let mut lobj: Option<Var> = None;
+    let mut lcls: Option<Var> = None;
+    let acc = |t: &mut Tape, slot: &mut Option<Var>, v: Var| {
+        *slot = Some(match *slot {
+            Some(s) => t.add(s, v),
+            None => v,
+        });
+    };
+
+    for i in 0..nl {
+        let (ny, nx) = grids[i];
+        let pi = p[i];
+        let rows_total = bs * na * ny * nx;
+        assert_eq!(
+            t.value(pi).shape(),
+            &[rows_total, no],
+            "p[{i}] must be [bs*na*ny*nx, no]"
+        );
+        let lt = &tgts[i];
+        let mut tobj = Array2::<f32>::zeros((rows_total, 1));
+
+        let n = lt.len();
+        if n > 0 {
+            let rows = lt.rows(na, ny, nx);
+            let ps = t.index_select(pi, &rows);
+
+            // Regression
+            let pxy = t.slice_cols(ps, 0, 2);
+            let pxy = t.sigmoid(pxy);
+            let pxy = t.mul_scalar(pxy, 2.0);
+            let pxy = t.add_scalar(pxy, -0.5);
+            let pwh = t.slice_cols(ps, 2, 4);
+            let pwh = t.sigmoid(pwh);
+            let pwh = t.mul_scalar(pwh, 2.0);
+            let pwh = t.pow(pwh, 2.0);
+            let anch = Array2::from_shape_fn((n, 2), |(k, d)| lt.anch[k][d]);
+            let anch = t.constant(anch.into_dyn());
+            let pwh = t.mul(pwh, anch);
+            let tbox = Array2::from_shape_fn((n, 4), |(k, d)| lt.tbox[k][d]);
+            let tbox = t.constant(tbox.into_dyn());
+            let iou = bbox_ciou(t, pxy, pwh, tbox);
+            let one_minus = t.neg(iou);
+            let one_minus = t.add_scalar(one_minus, 1.0);
+            let lb = t.mean(one_minus);
+            acc(t, &mut lbox, lb);
+
+            // Objectness: detached, clamped IoU; sequential writes so the last
+            // duplicate in build_targets order wins (PyTorch CPU index_put).
+            for (k, &r) in rows.iter().enumerate() {
+                let v = t.value(iou)[[k, 0]].max(0.0);
+                tobj[[r, 0]] = if cfg.gr < 1.0 {
+                    (1.0 - cfg.gr) + cfg.gr * v
+                } else {
+                    v
+                };
+            }
+
+            // Classification (only if multiple classes)
+            if nc > 1 {
+                let pcls = t.slice_cols(ps, 5, no);
+                let mut tc = Array2::<f32>::from_elem((n, nc), cn);
+                for (k, &c) in lt.tcls.iter().enumerate() {
+                    assert!(c < nc, "target class {c} >= nc {nc}");
+                    tc[[k, c]] = cp;
+                }
+                let lc = bce_mean(t, pcls, tc.into_dyn(), h.cls_pw, h.fl_gamma);
+                acc(t, &mut lcls, lc);
+            }
+        }
+
+        let pobj = t.slice_cols(pi, 4, 5);
+        let obji = bce_mean(t, pobj, tobj.into_dyn(), h.obj_pw, h.fl_gamma);
+        let lo = t.mul_scalar(obji, cfg.balance[i]);
+        acc(t, &mut lobj, lo);
+    }
+
+    let zero = |t: &mut Tape, v: Option<Var>| v.unwrap_or_else(|| t.scalar_const(0.0));
+    let lbox = zero(t, lbox);
+    let lobj = zero(t, lobj);
+    let lcls = zero(t, lcls);
+    let lbox = t.mul_scalar(lbox, h.box_);
+    let lobj = t.mul_scalar(lobj, h.obj);
+    let lcls = t.mul_scalar(lcls, h.cls);
+    let s = t.add(lbox, lobj);
+    let s = t.add(s, lcls);
+    let total = t.mul_scalar(s, bs as f32);
+    LossParts {
+        total,
+        lbox,
+        lobj,
+        lcls,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loss::head::{ANCHORS_P3_P5, STRIDES_P3_P5, anchors_in_grid_units};
+    use ndarray::{ArrayD, IxDyn, arr2};
+
+    fn setup(nc: usize, targets: Array2<f32>) -> (Tape, Var, LossParts) {
+        let grids = [(4, 4), (2, 2), (1, 1)];
+        let cfg = LossConfig::new(
+            Hyp::scratch_low(),
+            nc,
+            anchors_in_grid_units(&ANCHORS_P3_P5, &STRIDES_P3_P5),
+        );
+        let mut t = Tape::new();
+        let mut p = Vec::new();
+        let mut first = None;
+        for &(ny, nx) in &grids {
+            let n = 3 * ny * nx;
+            let v = ArrayD::from_shape_fn(IxDyn(&[n, nc + 5]), |i| {
+                ((i[0] * 7 + i[1] * 3) % 11) as f32 * 0.2 - 1.0
+            });
+            let var = t.param(v);
+            first.get_or_insert(var);
+            p.push(var);
+        }
+        let parts = compute_loss(&mut t, &cfg, &p, &grids, 1, targets.view());
+        (t, first.unwrap(), parts)
+    }
+
+    #[test]
+    fn no_targets_gives_only_obj_loss() {
+        let (t, p0, parts) = setup(3, Array2::zeros((0, 6)));
+        assert_eq!(t.scalar(parts.lbox), 0.0);
+        assert_eq!(t.scalar(parts.lcls), 0.0);
+        assert!(t.scalar(parts.lobj) > 0.0);
+        let g = t.backward(parts.total);
+        let gp = g.get(p0).unwrap();
+        // Only the obj column (4) receives gradient.
+        for ((_, k), v) in gp
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()
+            .unwrap()
+            .indexed_iter()
+        {
+            assert_eq!(*v != 0.0, k == 4);
+        }
+    }
+
+    #[test]
+    fn single_class_has_no_cls_loss_and_total_is_scaled_sum() {
+        let targets = arr2(&[[0.0f32, 0.0, 0.4, 0.6, 0.3, 0.2]]);
+        let (t, _, parts) = setup(1, targets);
+        assert_eq!(t.scalar(parts.lcls), 0.0);
+        assert!(t.scalar(parts.lbox) > 0.0);
+        let sum = t.scalar(parts.lbox) + t.scalar(parts.lobj) + t.scalar(parts.lcls);
+        assert!((t.scalar(parts.total) - sum).abs() < 1e-6);
+    }
+}
