@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cli;
 pub mod data;
 pub mod engine;
+pub mod export;
 pub mod fsutil;
 pub mod graph;
 pub mod head;
