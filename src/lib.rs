@@ -15,4 +15,5 @@ pub mod fsutil;
 pub mod graph;
 pub mod head;
 pub mod loss;
+pub mod metrics;
 pub mod preprocess;
