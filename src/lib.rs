@@ -17,3 +17,5 @@ pub mod head;
 pub mod loss;
 pub mod metrics;
 pub mod preprocess;
+pub mod runs;
+pub mod train;

@@ -93,16 +93,25 @@ impl Entry {
         // SAFETY: entries are immutable once renamed into place; writers only
         // ever replace a file with a new inode, never modify it.
         let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map cache entry {}", path.display()))?;
-        Self::from_map(map).with_context(|| format!("cache entry {} is damaged", path.display()))
+        Self::from_map(map, true).with_context(|| format!("cache entry {} is damaged", path.display()))
     }
 
-    fn from_map(map: Mmap) -> Result<Entry> {
+    /// Maps an entry that this process has already verified with `open`,
+    /// skipping the checksum pass (training reads every entry every epoch).
+    pub fn open_verified_before(path: &Path) -> Result<Entry> {
+        let file = std::fs::File::open(path).with_context(|| format!("cannot open cache entry {}", path.display()))?;
+        // SAFETY: as in `open`.
+        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map cache entry {}", path.display()))?;
+        Self::from_map(map, false).with_context(|| format!("cache entry {} is damaged", path.display()))
+    }
+
+    fn from_map(map: Mmap, verify: bool) -> Result<Entry> {
         let n = map.len();
         if n < 12 + 32 || &map[..8] != MAGIC {
             bail!("not a freezesplit feature file");
         }
         let (body, sum) = map.split_at(n - 32);
-        if blake3::hash(body).as_bytes() != sum {
+        if verify && blake3::hash(body).as_bytes() != sum {
             bail!("checksum mismatch");
         }
         let hlen = u32::from_le_bytes(map[8..12].try_into().unwrap()) as usize;
@@ -135,6 +144,17 @@ impl Entry {
             Dtype::F32 => out.copy_from_slice(bytemuck::cast_slice(bytes)),
             Dtype::F16 => bytemuck::cast_slice::<u8, f16>(bytes).convert_to_f32_slice(out),
         }
+    }
+
+    /// Level `i` transposed to rows `[H*W, C]` (row `y*W + x`), the layout the
+    /// head's matrix product reads, written into `out`.
+    pub fn level_rows_into(&self, i: usize, scratch: &mut Vec<f32>, out: &mut [f32]) {
+        let [c, h, w] = self.header.shapes[i];
+        scratch.resize(c * h * w, 0.0);
+        self.level_into(i, scratch);
+        let chw = ndarray::ArrayView2::from_shape((c, h * w), scratch).unwrap();
+        let mut rows = ndarray::ArrayViewMut2::from_shape((h * w, c), out).unwrap();
+        rows.assign(&chw.t());
     }
 
     pub fn bytes(&self) -> usize {

@@ -4,6 +4,7 @@
 
 mod cache_cmd;
 mod inspect_cmd;
+mod train_cmd;
 
 use std::path::PathBuf;
 
@@ -24,6 +25,8 @@ enum Command {
     Inspect(inspect_cmd::InspectArgs),
     /// Run the frozen backbone+neck once per image and cache the head inputs
     Cache(cache_cmd::CacheArgs),
+    /// Train the head on cached features (YOLOv5's loss, optimizers and schedule)
+    Train(train_cmd::TrainArgs),
 }
 
 /// Engine flags shared by every command that runs the frozen graph.
@@ -55,6 +58,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Inspect(a) => inspect_cmd::run(a),
         Command::Cache(a) => cache_cmd::run(a),
+        Command::Train(a) => train_cmd::run(a),
     };
     match result {
         Ok(()) => 0,

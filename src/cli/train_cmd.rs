@@ -1,0 +1,145 @@
+//! `freezesplit train --weights MODEL.onnx --data data.yaml [--epochs 30 ...]`
+//! and `freezesplit train --resume RUN`.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use super::EngineArgs;
+use super::cache_cmd::resolve_imgsz;
+use crate::cache::{Dtype, default_cache_dir};
+use crate::graph::Model;
+use crate::runs::increment_path;
+use crate::train::hyp::TrainHyp;
+use crate::train::optim::OptimizerKind;
+use crate::train::{self, TrainOptions, TrainWhat};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The exported YOLOv5 ONNX model whose head is trained
+    #[arg(long, required_unless_present = "resume")]
+    pub weights: Option<PathBuf>,
+    /// data.yaml of an Ultralytics-layout dataset
+    #[arg(long, required_unless_present = "resume")]
+    pub data: Option<PathBuf>,
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Image size (static exports use their own)
+    #[arg(long)]
+    pub imgsz: Option<usize>,
+    /// A YOLOv5 hyp yaml (default: the values of hyp.scratch-low.yaml)
+    #[arg(long)]
+    pub hyp: Option<PathBuf>,
+    /// head: every row of the head; cls: only the class rows
+    #[arg(long, value_enum, default_value = "head")]
+    pub train: TrainWhat,
+    /// Re-initialise the whole head as YOLOv5 does (default: keep box/objectness rows)
+    #[arg(long)]
+    pub reinit_head: bool,
+    #[arg(long, value_enum, default_value = "SGD")]
+    pub optimizer: OptimizerKind,
+    /// Cosine learning-rate schedule (default linear)
+    #[arg(long)]
+    pub cos_lr: bool,
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// Learning-rate multiplier of the box rows
+    #[arg(long, default_value_t = 1.0)]
+    pub lr_box: f64,
+    /// Learning-rate multiplier of the objectness rows
+    #[arg(long, default_value_t = 1.0)]
+    pub lr_obj: f64,
+    /// Learning-rate multiplier of the class rows
+    #[arg(long, default_value_t = 1.0)]
+    pub lr_cls: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "runs/train")]
+    pub project: PathBuf,
+    #[arg(long, default_value = "exp")]
+    pub name: String,
+    /// Continue a run after its last finished epoch
+    #[arg(long, value_name = "RUN")]
+    pub resume: Option<PathBuf>,
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "f16")]
+    pub dtype: Dtype,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let (opts, resume) = match &a.resume {
+        Some(run) => {
+            let mut o = train::load_opt(run)?;
+            o.save_dir = run.clone();
+            o.engine = a.engine.options();
+            o.progress = true;
+            (o, true)
+        }
+        None => (settings(&a)?, false),
+    };
+    let report = train::train(&opts, resume)?;
+    let last = report.rows.last();
+    println!(
+        "{} epochs finished; train images {}, val images {}; cache {}",
+        opts.epochs, report.train_images, report.val_images, report.cache.display()
+    );
+    if let Some(r) = last {
+        println!("final val loss: box {:.5} obj {:.5} cls {:.5}", r.val[0], r.val[1], r.val[2]);
+    }
+    println!("results saved to {}", report.save_dir.display());
+    Ok(())
+}
+
+/// Raw arguments to validated settings, before any work starts.
+fn settings(a: &TrainArgs) -> Result<TrainOptions> {
+    let weights = a.weights.clone().unwrap();
+    let data = a.data.clone().unwrap();
+    if a.epochs == 0 {
+        bail!("--epochs must be at least 1");
+    }
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    for (flag, v) in [("--lr-box", a.lr_box), ("--lr-obj", a.lr_obj), ("--lr-cls", a.lr_cls)] {
+        if !(v >= 0.0 && v.is_finite()) {
+            bail!("{flag} must be a non-negative number, got {v}");
+        }
+    }
+    if !(0.0..1.0).contains(&a.label_smoothing) {
+        bail!("--label-smoothing must be in [0, 1)");
+    }
+    let model = Model::load(&weights)?;
+    let imgsz = resolve_imgsz(&model, a.imgsz)?;
+    let hyp = match &a.hyp {
+        Some(p) => TrainHyp::load(p)?,
+        None => TrainHyp::default(),
+    };
+    Ok(TrainOptions {
+        weights,
+        data,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        imgsz,
+        hyp,
+        train: a.train,
+        reinit_head: a.reinit_head,
+        optimizer: a.optimizer,
+        cos_lr: a.cos_lr,
+        label_smoothing: a.label_smoothing,
+        lr_box: a.lr_box,
+        lr_obj: a.lr_obj,
+        lr_cls: a.lr_cls,
+        seed: a.seed,
+        save_dir: increment_path(&a.project, &a.name),
+        cache_dir: a.cache_dir.clone().unwrap_or_else(default_cache_dir),
+        dtype: a.dtype,
+        engine: a.engine.options(),
+        progress: true,
+    })
+}

@@ -1,0 +1,134 @@
+//! Cached features and YOLO labels in; training samples and mini-batches out.
+//!
+//! Labels are moved into the letterboxed frame exactly as YOLOv5's dataloader
+//! moves them (`xywhn2xyxy` with the resize gain and padding, then
+//! `xyxy2xywhn(clip=True, eps=1e-3)`), so the loss sees the same targets as
+//! train.py does without augmentation.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use ndarray::{Array2, ArrayD, IxDyn};
+use rayon::prelude::*;
+
+use crate::cache::{Dtype, Entry, FeatureCache, image_key};
+use crate::data::{self, Label};
+use crate::preprocess::LetterboxMeta;
+
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub image: PathBuf,
+    pub entry: PathBuf,
+    pub letterbox: LetterboxMeta,
+    /// Original labels (normalised to the original image).
+    pub labels: Vec<Label>,
+    /// `[class, x, y, w, h]` normalised to the letterboxed square.
+    pub targets: Vec<[f32; 5]>,
+}
+
+#[derive(Debug, Default)]
+pub struct SplitData {
+    pub samples: Vec<Sample>,
+    /// Images with no cache entry (they were skipped while caching).
+    pub missing: Vec<PathBuf>,
+    /// `(label file, line, reason)` of skipped label lines.
+    pub bad_lines: Vec<(PathBuf, usize, String)>,
+    /// `[C, H, W]` of each level.
+    pub shapes: Vec<[usize; 3]>,
+}
+
+/// Matches images to their verified cache entries and reads their labels.
+pub fn load_split(cache: &FeatureCache, images: &[PathBuf], nc: usize, dtype: Dtype) -> Result<SplitData> {
+    let found: Vec<_> = images
+        .par_iter()
+        .map(|img| -> Result<(PathBuf, Option<(PathBuf, Entry)>, data::Labels)> {
+            let key = std::fs::read(img).map(|b| image_key(&b)).ok();
+            let entry = key.map(|k| cache.entry_path(&k, dtype)).and_then(|p| Entry::open(&p).ok().map(|e| (p, e)));
+            let labels = data::read_labels(&data::label_path(img), nc)?;
+            Ok((img.clone(), entry, labels))
+        })
+        .collect::<Result<_>>()?;
+    let mut out = SplitData::default();
+    for (img, entry, labels) in found {
+        let lp = data::label_path(&img);
+        out.bad_lines.extend(labels.skipped.iter().map(|(l, r)| (lp.clone(), *l, r.clone())));
+        match entry {
+            None => out.missing.push(img),
+            Some((path, e)) => {
+                if out.shapes.is_empty() {
+                    out.shapes = e.header.shapes.clone();
+                }
+                let lb = e.header.letterbox;
+                out.samples.push(Sample { targets: letterbox_targets(&labels.boxes, &lb), labels: labels.boxes, image: img, entry: path, letterbox: lb });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// YOLOv5's label transform into the letterboxed, normalised frame.
+pub fn letterbox_targets(labels: &[Label], lb: &LetterboxMeta) -> Vec<[f32; 5]> {
+    let (w, h) = (lb.resized[1] as f32, lb.resized[0] as f32);
+    let (pw, ph) = (lb.pad[0], lb.pad[1]);
+    let s = lb.imgsz as f32;
+    let clip = |v: f32| v.clamp(0.0, s - 1e-3);
+    labels
+        .iter()
+        .map(|l| {
+            let [x, y, bw, bh] = l.xywh;
+            let x1 = clip(w * (x - bw / 2.0) + pw);
+            let y1 = clip(h * (y - bh / 2.0) + ph);
+            let x2 = clip(w * (x + bw / 2.0) + pw);
+            let y2 = clip(h * (y + bh / 2.0) + ph);
+            [l.class as f32, (x1 + x2) / 2.0 / s, (y1 + y2) / 2.0 / s, (x2 - x1) / s, (y2 - y1) / s]
+        })
+        .collect()
+}
+
+/// One mini-batch: per level rows `[bs·H·W, C]` (rows `(b, y, x)`) and
+/// targets `[nt, 6]` = `(image in batch, class, x, y, w, h)`.
+pub struct Batch {
+    pub feats: Vec<ArrayD<f32>>,
+    pub targets: Array2<f32>,
+    pub bs: usize,
+}
+
+pub fn load_batch(samples: &[&Sample], shapes: &[[usize; 3]]) -> Result<Batch> {
+    let bs = samples.len();
+    let mut feats: Vec<ArrayD<f32>> = shapes.iter().map(|[c, h, w]| ArrayD::zeros(IxDyn(&[bs * h * w, *c]))).collect();
+    // Each image fills its own rows of every level, in parallel.
+    let mut per_image: Vec<Vec<&mut [f32]>> = (0..bs).map(|_| Vec::new()).collect();
+    for (l, f) in feats.iter_mut().enumerate() {
+        let [c, h, w] = shapes[l];
+        for (b, chunk) in f.as_slice_mut().unwrap().chunks_mut(h * w * c).enumerate() {
+            per_image[b].push(chunk);
+        }
+    }
+    per_image.into_par_iter().zip(samples.par_iter()).try_for_each(|(mut outs, s)| -> Result<()> {
+        let e = Entry::open_verified_before(&s.entry)?;
+        let mut scratch = Vec::new();
+        for (l, out) in outs.iter_mut().enumerate() {
+            e.level_rows_into(l, &mut scratch, out);
+        }
+        Ok(())
+    })?;
+    let rows: Vec<[f32; 6]> = samples.iter().enumerate().flat_map(|(b, s)| s.targets.iter().map(move |t| [b as f32, t[0], t[1], t[2], t[3], t[4]])).collect();
+    let targets = Array2::from_shape_vec((rows.len(), 6), rows.into_iter().flatten().collect())?;
+    Ok(Batch { feats, targets, bs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_follow_the_letterbox() {
+        // 200x100 image into 100: resized 100x50, padded 25 top and bottom
+        let lb = LetterboxMeta { shape0: [100, 200], resized: [50, 100], pad: [0.0, 25.0], imgsz: 100 };
+        let t = letterbox_targets(&[Label { class: 2, xywh: [0.5, 0.5, 0.2, 0.4] }], &lb);
+        let [c, x, y, w, h] = t[0];
+        assert_eq!(c, 2.0);
+        assert!((x - 0.5).abs() < 1e-6 && (y - 0.5).abs() < 1e-6);
+        assert!((w - 0.2).abs() < 1e-6 && (h - 0.2).abs() < 1e-6);
+    }
+}
