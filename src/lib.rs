@@ -17,3 +17,6 @@ pub mod head;
 pub mod loss;
 pub mod metrics;
 pub mod preprocess;
+pub mod runs;
+pub mod val;
+pub mod weights;

@@ -4,6 +4,7 @@
 
 mod cache_cmd;
 mod inspect_cmd;
+mod val_cmd;
 
 use std::path::PathBuf;
 
@@ -24,6 +25,8 @@ enum Command {
     Inspect(inspect_cmd::InspectArgs),
     /// Run the frozen backbone+neck once per image and cache the head inputs
     Cache(cache_cmd::CacheArgs),
+    /// Validate a model, run or head on a dataset split (YOLOv5 val.py metrics)
+    Val(val_cmd::ValArgs),
 }
 
 /// Engine flags shared by every command that runs the frozen graph.
@@ -55,6 +58,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Inspect(a) => inspect_cmd::run(a),
         Command::Cache(a) => cache_cmd::run(a),
+        Command::Val(a) => val_cmd::run(a),
     };
     match result {
         Ok(()) => 0,
