@@ -3,6 +3,7 @@
 //! exit with status 1; nothing here does real work.
 
 mod cache_cmd;
+mod export_cmd;
 mod inspect_cmd;
 mod val_cmd;
 
@@ -27,6 +28,8 @@ enum Command {
     Cache(cache_cmd::CacheArgs),
     /// Validate a model, run or head on a dataset split (YOLOv5 val.py metrics)
     Val(val_cmd::ValArgs),
+    /// Write a complete YOLOv5-style ONNX (frozen backbone + head + decode)
+    Export(export_cmd::ExportArgs),
 }
 
 /// Engine flags shared by every command that runs the frozen graph.
@@ -59,6 +62,7 @@ pub fn main() -> i32 {
         Command::Inspect(a) => inspect_cmd::run(a),
         Command::Cache(a) => cache_cmd::run(a),
         Command::Val(a) => val_cmd::run(a),
+        Command::Export(a) => export_cmd::run(a),
     };
     match result {
         Ok(()) => 0,
