@@ -16,6 +16,7 @@ pub mod graph;
 pub mod head;
 pub mod loss;
 pub mod metrics;
+pub mod predict;
 pub mod preprocess;
 pub mod runs;
 pub mod val;

@@ -5,6 +5,7 @@
 mod cache_cmd;
 mod export_cmd;
 mod inspect_cmd;
+mod predict_cmd;
 mod val_cmd;
 
 use std::path::PathBuf;
@@ -30,6 +31,8 @@ enum Command {
     Val(val_cmd::ValArgs),
     /// Write a complete YOLOv5-style ONNX (frozen backbone + head + decode)
     Export(export_cmd::ExportArgs),
+    /// Detect objects in images; annotated copies, YOLO labels and predictions.json
+    Predict(predict_cmd::PredictArgs),
 }
 
 /// Engine flags shared by every command that runs the frozen graph.
@@ -63,6 +66,7 @@ pub fn main() -> i32 {
         Command::Cache(a) => cache_cmd::run(a),
         Command::Val(a) => val_cmd::run(a),
         Command::Export(a) => export_cmd::run(a),
+        Command::Predict(a) => predict_cmd::run(a),
     };
     match result {
         Ok(()) => 0,

@@ -7,19 +7,23 @@ use super::ValReport;
 
 /// Python's `'%.3g' % x`.
 pub fn fmt_g3(x: f64) -> String {
+    fmt_g(x, 3)
+}
+
+/// Python's `'%.{precision}g' % x` (`'%g'` is precision 6).
+pub fn fmt_g(x: f64, precision: usize) -> String {
     if x == 0.0 || !x.is_finite() {
         return if x == 0.0 { "0".into() } else { x.to_string() };
     }
-    let e = x.abs().log10().floor() as i32;
-    let rounded_e = format!("{:.2e}", x).split('e').nth(1).and_then(|s| s.parse::<i32>().ok()).unwrap_or(e);
-    if !(-4..3).contains(&rounded_e) {
-        let s = format!("{:.2e}", x);
-        let (m, ex) = s.split_once('e').unwrap();
-        let m = m.trim_end_matches('0').trim_end_matches('.');
-        let ex: i32 = ex.parse().unwrap();
+    let p = precision.max(1);
+    let sci = format!("{:.*e}", p - 1, x);
+    let (m, ex) = sci.split_once('e').unwrap();
+    let ex: i32 = ex.parse().unwrap();
+    if ex < -4 || ex >= p as i32 {
+        let m = if m.contains('.') { m.trim_end_matches('0').trim_end_matches('.') } else { m };
         return format!("{m}e{}{:02}", if ex < 0 { '-' } else { '+' }, ex.abs());
     }
-    let decimals = (2 - rounded_e).max(0) as usize;
+    let decimals = (p as i32 - 1 - ex).max(0) as usize;
     let s = format!("{x:.decimals$}");
     if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s }
 }
@@ -113,6 +117,7 @@ pub fn to_json(r: &ValReport) -> Value {
 mod tests {
     use super::fmt_g3;
 
+
     #[test]
     fn percent_g() {
         assert_eq!(fmt_g3(0.5678), "0.568");
@@ -122,5 +127,8 @@ mod tests {
         assert_eq!(fmt_g3(0.0), "0");
         assert_eq!(fmt_g3(0.1), "0.1");
         assert_eq!(fmt_g3(0.00001234), "1.23e-05");
+        assert_eq!(super::fmt_g(0.123456789, 6), "0.123457");
+        assert_eq!(super::fmt_g(12.0, 6), "12");
+        assert_eq!(super::fmt_g(1234567.0, 6), "1.23457e+06");
     }
 }
