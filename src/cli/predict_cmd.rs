@@ -47,7 +47,14 @@ pub fn run(a: PredictArgs) -> Result<()> {
     let opts = PredictOptions { conf_thres: a.conf_thres, iou_thres: a.iou_thres, max_det: a.max_det, imgsz };
     let results = predict::predict(&model, &head, &images, &opts, &a.engine.options(), &save_dir, !a.json)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"save_dir": save_dir, "weights": source.to_string(), "predictions": results}))?);
+        // A struct, not json!: json! widens the f32 values to f64 digits.
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            save_dir: &'a std::path::Path,
+            weights: String,
+            predictions: &'a [predict::ImagePrediction],
+        }
+        println!("{}", serde_json::to_string_pretty(&Out { save_dir: &save_dir, weights: source.to_string(), predictions: &results })?);
     } else {
         println!("Results saved to {} ({} images, labels in {})", save_dir.display(), results.len(), save_dir.join("labels").display());
     }
