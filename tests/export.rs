@@ -385,3 +385,29 @@ fn exports_are_valid_in_opsets_13_to_20() {
     }
 }
 
+
+/// `freezesplit export` through the command line: a run directory writes
+/// RUN/weights/best.onnx, a model writes <stem>-freezesplit.onnx beside a copy;
+/// both load back with the head's classes.
+#[test]
+fn export_command_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = common::root().join("models/tiny-256-nc3-stripped.onnx");
+    let model_copy = dir.path().join("tiny.onnx");
+    std::fs::copy(&src, &model_copy).unwrap();
+    let model = Model::load(&model_copy).unwrap();
+    let head = Head::from_model(&model).unwrap();
+    let run = dir.path().join("runs/train/exp");
+    let source = std::collections::HashMap::from([("model".to_string(), model_copy.display().to_string())]);
+    head.save(&run.join("weights/best"), source).unwrap();
+    for (weights, want, extra) in [(&run, run.join("weights/best.onnx"), vec![]), (&model_copy, dir.path().join("tiny-freezesplit.onnx"), vec!["--dynamic"])] {
+        let out = Command::new(common::bin()).args(["export", "--json", "--weights"]).arg(weights).args(&extra).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(Path::new(v["path"].as_str().unwrap()), want);
+        assert_eq!(v["nc"], 3);
+        let m = Model::load(&want).unwrap();
+        assert_eq!(m.spec.names, head.names);
+        assert_eq!(m.spec.imgsz, if extra.is_empty() { Some([256, 256]) } else { None });
+    }
+}

@@ -3,8 +3,11 @@
 //! exit with status 1; nothing here does real work.
 
 mod cache_cmd;
+mod export_cmd;
 mod inspect_cmd;
 mod train_cmd;
+mod predict_cmd;
+mod val_cmd;
 
 use std::path::PathBuf;
 
@@ -27,6 +30,12 @@ enum Command {
     Cache(cache_cmd::CacheArgs),
     /// Train the head on cached features (YOLOv5's loss, optimizers and schedule)
     Train(train_cmd::TrainArgs),
+    /// Validate a model, run or head on a dataset split (YOLOv5 val.py metrics)
+    Val(val_cmd::ValArgs),
+    /// Write a complete YOLOv5-style ONNX (frozen backbone + head + decode)
+    Export(export_cmd::ExportArgs),
+    /// Detect objects in images; annotated copies, YOLO labels and predictions.json
+    Predict(predict_cmd::PredictArgs),
 }
 
 /// Engine flags shared by every command that runs the frozen graph.
@@ -59,6 +68,9 @@ pub fn main() -> i32 {
         Command::Inspect(a) => inspect_cmd::run(a),
         Command::Cache(a) => cache_cmd::run(a),
         Command::Train(a) => train_cmd::run(a),
+        Command::Val(a) => val_cmd::run(a),
+        Command::Export(a) => export_cmd::run(a),
+        Command::Predict(a) => predict_cmd::run(a),
     };
     match result {
         Ok(()) => 0,

@@ -166,7 +166,7 @@ pub fn write_export(path: &Path, model: &Model, head: &Head, dynamic: Option<boo
 }
 
 /// The head must plug into the source backbone as it is.
-fn check_head(model: &Model, head: &Head) -> Result<()> {
+pub fn check_head(model: &Model, head: &Head) -> Result<()> {
     let spec = &model.spec;
     if head.nl() != spec.levels.len() {
         bail!("the head has {} levels, the model's backbone feeds {}", head.nl(), spec.levels.len());

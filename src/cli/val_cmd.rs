@@ -1,0 +1,125 @@
+//! `freezesplit val --weights MODEL.onnx|RUN --data data.yaml [--split val]`:
+//! arguments in; the fast path (cache + Rust head) or the full path (complete
+//! exported ONNX) run through `crate::val`; the report printed as val.py's
+//! table or as JSON.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::{Args, ValueEnum};
+
+use super::EngineArgs;
+use super::cache_cmd::resolve_imgsz;
+use crate::cache::{Dtype, FeatureCache, build, default_cache_dir};
+use crate::data::Dataset;
+use crate::engine::Engine;
+use crate::val::{self, ValOptions};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ValPath {
+    /// Cached frozen features + the Rust head (fills the cache when needed)
+    Fast,
+    /// The complete exported ONNX on an engine, image by image
+    Full,
+}
+
+#[derive(Args)]
+pub struct ValArgs {
+    /// An exported YOLOv5 ONNX, a run directory, or a saved head
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// data.yaml of an Ultralytics-layout dataset
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value = "val")]
+    pub split: String,
+    #[arg(long, default_value_t = 0.001)]
+    pub conf_thres: f64,
+    #[arg(long, default_value_t = 0.6)]
+    pub iou_thres: f64,
+    #[arg(long, default_value_t = 300)]
+    pub max_det: usize,
+    #[arg(long, value_enum, default_value = "fast")]
+    pub path: ValPath,
+    /// Cache root (default: $FREEZESPLIT_CACHE or ~/.cache/freezesplit)
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Storage type of the cached features (fast path)
+    #[arg(long, value_enum, default_value = "f16")]
+    pub dtype: Dtype,
+    /// Image size for dynamic exports (static exports use their own)
+    #[arg(long)]
+    pub imgsz: Option<usize>,
+    /// Images per loss batch (val.py's 32)
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Print one JSON object instead of the table
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: ValArgs) -> Result<()> {
+    let (model, head, source) = crate::weights::resolve(&a.weights)?;
+    let data = Dataset::load(&a.data)?;
+    if data.nc() != head.nc {
+        bail!("{} detects {} classes but {} has {}; validate on the dataset the head was trained for", a.weights.display(), head.nc, a.data.display(), data.nc());
+    }
+    let imgsz = resolve_imgsz(&model, a.imgsz)?;
+    let images = data.images(&a.split)?;
+    if images.is_empty() {
+        bail!("the `{}` split of {} has no images", a.split, a.data.display());
+    }
+    let opts = ValOptions {
+        conf_thres: a.conf_thres,
+        iou_thres: a.iou_thres,
+        max_det: a.max_det,
+        batch_size: a.batch_size,
+        dtype: a.dtype,
+        losses: a.path == ValPath::Fast,
+        progress: !a.json,
+    };
+    let (report, engine, cache_dir) = match a.path {
+        ValPath::Full => {
+            let (r, e) = val::full::validate_full(&model, &head, &images, imgsz, &opts, &a.engine.options())?;
+            (r, e, None)
+        }
+        ValPath::Fast => {
+            let root = a.cache_dir.clone().unwrap_or_else(default_cache_dir);
+            let (cache, frozen) = FeatureCache::open(&root, &model, imgsz)?;
+            let (mut items, mut skipped) = val::cached_items(&cache, &images, a.dtype);
+            let mut engine = "none (all features were cached)".to_string();
+            if !skipped.is_empty() {
+                let mut e = Engine::new(&frozen, imgsz, &a.engine.options())?;
+                let fill = build::fill(&cache, &mut e, &images, &build::FillOptions { batch_size: 8, dtype: a.dtype, progress: !a.json })?;
+                engine = e.name();
+                (items, skipped) = val::cached_items(&cache, &images, a.dtype);
+                for s in &mut skipped {
+                    if let Some(f) = fill.skipped_images.iter().find(|f| f.path == s.path) {
+                        s.reason = f.reason.clone();
+                    }
+                }
+            }
+            let mut r = val::validate_items(&head, &items, &opts)?;
+            r.skipped_images = skipped;
+            (r, engine, Some(cache.dir))
+        }
+    };
+    if a.json {
+        let mut v = val::report::to_json(&report);
+        v["engine"] = engine.into();
+        v["cache"] = serde_json::to_value(&cache_dir)?;
+        v["weights"] = source.to_string().into();
+        v["path"] = format!("{:?}", a.path).to_lowercase().into();
+        v["imgsz"] = imgsz.into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", val::report::text(&report));
+        match &cache_dir {
+            Some(d) => println!("weights: {source}; features: {} ({}, {engine}); {:.1}s", d.display(), a.dtype.name(), report.seconds),
+            None => println!("weights: {source}; full model on {engine}; {:.1}s", report.seconds),
+        }
+    }
+    Ok(())
+}
