@@ -92,8 +92,33 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if let Some(r) = last {
         println!("final val loss: box {:.5} obj {:.5} cls {:.5}", r.val[0], r.val[1], r.val[2]);
     }
+    if let (Some(b), Some(a)) = (&report.before, &report.after) {
+        print!("{}", before_after(b, a, &opts));
+    }
     println!("results saved to {}", report.save_dir.display());
     Ok(())
+}
+
+/// The val split before (starting head) and after (best head).
+fn before_after(b: &crate::val::ValReport, a: &crate::val::ValReport, opts: &TrainOptions) -> String {
+    let mut out = format!("\nval split, {} images          before      after\n", a.summary.seen);
+    let rows = [
+        ("mAP50", b.summary.map50, a.summary.map50),
+        ("mAP50-95", b.summary.map, a.summary.map),
+        ("class-agnostic mAP50", b.summary.agnostic_map50, a.summary.agnostic_map50),
+        ("matched-box class accuracy", b.summary.class_accuracy.accuracy, a.summary.class_accuracy.accuracy),
+    ];
+    for (name, x, y) in rows {
+        out.push_str(&format!("{name:<28} {x:>10.4} {y:>10.4}\n"));
+    }
+    let ap = |r: &crate::val::ValReport, c: usize| r.summary.per_class.iter().find(|m| m.class == c).map_or(0.0, |m| m.ap50_95);
+    for (c, name) in a.names.iter().enumerate() {
+        out.push_str(&format!("{:<28} {:>10.4} {:>10.4}\n", format!("AP50-95 {name}"), ap(b, c), ap(a, c)));
+    }
+    if opts.reinit_head {
+        out.push_str("(before: the re-initialised head)\n");
+    }
+    out
 }
 
 /// Raw arguments to validated settings, before any work starts.

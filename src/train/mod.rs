@@ -79,6 +79,8 @@ const NBS: usize = 64;
 pub struct EpochRow {
     pub epoch: usize,
     pub train: [f32; 3],
+    /// P, R, mAP50, mAP50-95 of the EMA head on the val split.
+    pub metrics: [f64; 4],
     pub val: [f32; 3],
     pub lr: [f64; 2],
 }
@@ -90,6 +92,9 @@ pub struct TrainReport {
     pub train_images: usize,
     pub val_images: usize,
     pub cache_seconds: f64,
+    /// The starting head and the best head on the val split.
+    pub before: Option<crate::val::ValReport>,
+    pub after: Option<crate::val::ValReport>,
 }
 
 /// Fills the cache for the images that need it and returns the split's samples.
@@ -154,21 +159,6 @@ fn step(values: &[ArrayD<f32>], batch: batches::Batch, cfg: &LossConfig, grids: 
     (losses, g)
 }
 
-/// YOLOv5's val loss: mean over batches of the loss parts.
-pub fn val_loss(values: &[ArrayD<f32>], samples: &[Sample], shapes: &[[usize; 3]], cfg: &LossConfig, grids: &[(usize, usize)], batch_size: usize) -> Result<[f32; 3]> {
-    let mut sum = [0f64; 3];
-    let mut n = 0;
-    for chunk in samples.chunks(batch_size.max(1)) {
-        let refs: Vec<&Sample> = chunk.iter().collect();
-        let (l, _) = step(values, load_batch(&refs, shapes)?, cfg, grids, false);
-        for i in 0..3 {
-            sum[i] += l[i] as f64;
-        }
-        n += 1;
-    }
-    Ok(sum.map(|s| (s / n.max(1) as f64) as f32))
-}
-
 fn tensors_of(prefix: &str, v: &[ArrayD<f32>], out: &mut BTreeMap<String, ArrayD<f32>>) {
     for (i, t) in v.iter().enumerate() {
         out.insert(format!("{prefix}.{i}"), t.as_standard_layout().into_owned());
@@ -201,6 +191,7 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
         bail!("none of the {} train images of {} could be read", train_images.len(), opts.data.display());
     }
     let shapes = train_set.shapes.clone();
+    let (val_items, _) = crate::val::cached_items(&cache, &val_set.samples.iter().map(|s| s.image.clone()).collect::<Vec<_>>(), opts.dtype);
 
     // The starting head.
     let pretrained = Head::from_model(&model)?;
@@ -274,7 +265,8 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
     source.insert("cache".to_string(), cache.dir.display().to_string());
     source.insert("data".to_string(), std::path::absolute(&opts.data)?.display().to_string());
 
-    let val_bs = bs * 2;
+    let val_opts = crate::val::ValOptions { batch_size: bs * 2, dtype: opts.dtype, ..Default::default() };
+    let before = if val_items.is_empty() { None } else { Some(crate::val::validate_items(&head0, &val_items, &val_opts)?) };
     for epoch in counters.epoch..opts.epochs {
         let mut order: Vec<usize> = (0..train_set.samples.len()).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64)));
@@ -322,16 +314,22 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
             optimizer.lr[g] = opts.hyp.lr0 * lr_factor((epoch + 1) as f64, opts.epochs, opts.hyp.lrf, opts.cos_lr);
         }
 
-        let val = if val_set.samples.is_empty() { [f32::NAN; 3] } else { val_loss(&ema.params, &val_set.samples, &shapes, &cfg, &grids, val_bs)? };
-        let row = EpochRow { epoch, train: mloss.map(|v| v as f32), val, lr };
-        eprintln!(
-            "{:>5}  train box {:.5} obj {:.5} cls {:.5}  val box {:.5} obj {:.5} cls {:.5}",
-            format!("{}/{}", epoch, opts.epochs - 1),
-            row.train[0], row.train[1], row.train[2], row.val[0], row.val[1], row.val[2]
-        );
-        // best = lowest val loss
-        let fitness = -(val.iter().map(|v| *v as f64).sum::<f64>());
         let ema_head = head_with(&head0, &ema.params);
+        let (metrics, val) = if val_items.is_empty() {
+            ([0.0; 4], [f32::NAN; 3])
+        } else {
+            let r = crate::val::validate_items(&ema_head, &val_items, &val_opts)?;
+            let l = r.losses.unwrap_or([f64::NAN; 3]);
+            ([r.summary.mp, r.summary.mr, r.summary.map50, r.summary.map], l.map(|v| v as f32))
+        };
+        let row = EpochRow { epoch, train: mloss.map(|v| v as f32), metrics, val, lr };
+        eprintln!(
+            "{:>5}  train box {:.4} obj {:.4} cls {:.4}  val P {:.3} R {:.3} mAP50 {:.3} mAP50-95 {:.3}  box {:.4} obj {:.4} cls {:.4}",
+            format!("{}/{}", epoch, opts.epochs - 1),
+            row.train[0], row.train[1], row.train[2], metrics[0], metrics[1], metrics[2], metrics[3], row.val[0], row.val[1], row.val[2]
+        );
+        // YOLOv5's fitness: 0.1·mAP50 + 0.9·mAP50-95
+        let fitness = 0.1 * metrics[2] + 0.9 * metrics[3];
         ema_head.save(&wdir.join("last"), source.clone())?;
         if fitness > counters.best_fitness || counters.best_fitness.is_infinite() {
             counters.best_fitness = fitness;
@@ -354,18 +352,26 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
             std::process::abort();
         }
     }
-    Ok(TrainReport { save_dir: save_dir.clone(), rows, cache: cache.dir.clone(), train_images: train_set.samples.len(), val_images: val_set.samples.len(), cache_seconds })
+    let after = match (val_items.is_empty(), Head::load(&wdir.join("best"))) {
+        (false, Ok(best)) => Some(crate::val::validate_items(&best, &val_items, &val_opts)?),
+        _ => None,
+    };
+    Ok(TrainReport { save_dir: save_dir.clone(), rows, cache: cache.dir.clone(), train_images: train_set.samples.len(), val_images: val_set.samples.len(), cache_seconds, before, after })
 }
 
 fn csv_header() -> String {
-    "epoch,train/box_loss,train/obj_loss,train/cls_loss,val/box_loss,val/obj_loss,val/cls_loss,x/lr0,x/lr1\n".to_string()
+    "epoch,train/box_loss,train/obj_loss,train/cls_loss,metrics/precision,metrics/recall,metrics/mAP_0.5,metrics/mAP_0.5:0.95,val/box_loss,val/obj_loss,val/cls_loss,x/lr0,x/lr1\n".to_string()
 }
 
 fn append_row(path: &Path, r: &EpochRow) -> Result<()> {
     // rewrite whole file atomically: a kill never leaves a half row
     let mut text = std::fs::read_to_string(path).unwrap_or_else(|_| csv_header());
     let mut line = Vec::new();
-    write!(line, "{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.8},{:.8}", r.epoch, r.train[0], r.train[1], r.train[2], r.val[0], r.val[1], r.val[2], r.lr[0], r.lr[1])?;
+    write!(
+        line,
+        "{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.8},{:.8}",
+        r.epoch, r.train[0], r.train[1], r.train[2], r.metrics[0], r.metrics[1], r.metrics[2], r.metrics[3], r.val[0], r.val[1], r.val[2], r.lr[0], r.lr[1]
+    )?;
     text.push_str(&String::from_utf8(line)?);
     text.push('\n');
     crate::fsutil::write_atomic(path, text.as_bytes())
