@@ -9,6 +9,7 @@ pub mod autograd;
 pub mod cache;
 pub mod cli;
 pub mod data;
+pub mod demo;
 pub mod engine;
 pub mod export;
 pub mod fsutil;

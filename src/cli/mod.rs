@@ -3,6 +3,7 @@
 //! exit with status 1; nothing here does real work.
 
 mod cache_cmd;
+mod demo_cmd;
 mod export_cmd;
 mod inspect_cmd;
 mod train_cmd;
@@ -24,6 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole job on a built-in example: cache, fine-tune a new class set, export, predict
+    Demo(demo_cmd::DemoArgs),
     /// Show the Detect head (nc, anchors, strides, names) and a layer table
     Inspect(inspect_cmd::InspectArgs),
     /// Run the frozen backbone+neck once per image and cache the head inputs
@@ -65,6 +68,7 @@ impl EngineArgs {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => demo_cmd::run(a),
         Command::Inspect(a) => inspect_cmd::run(a),
         Command::Cache(a) => cache_cmd::run(a),
         Command::Train(a) => train_cmd::run(a),

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Training benchmark: freezesplit against YOLOv5's train.py --freeze 24 on the same data.
+#
+#   tools/bench_train.sh WEIGHTS.onnx WEIGHTS.pt DATA.yaml [EPOCHS]
+#
+# freezesplit: a cold cache build (fresh cache dir), then EPOCHS epochs over the cache;
+# prints wall time and peak RSS (GNU time). YOLOv5: train.py from the `yolov5` PyPI
+# package in .venv-tools (tools/setup_tools_venv.sh), no augmentation, RAM cache, CPU.
+set -euo pipefail
+onnx=$1; pt=$2; data=$3; epochs=${4:-30}
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=$(mktemp -d)
+bin="$root/target/release/freezesplit"
+[ -x "$bin" ] || (cd "$root" && cargo build --release --bin freezesplit)
+
+echo "== freezesplit: cache build (cold) =="
+/usr/bin/time -f "cache: wall %e s, peak RSS %M KB" "$bin" cache --weights "$onnx" --data "$data" --cache-dir "$out/cache" --engine auto
+echo "== freezesplit: $epochs epochs over the cache =="
+/usr/bin/time -f "train: wall %e s, peak RSS %M KB" "$bin" train --weights "$onnx" --data "$data" --epochs "$epochs" \
+  --batch-size 16 --cache-dir "$out/cache" --project "$out/runs" --name fs
+
+echo "== YOLOv5 train.py --freeze 24 =="
+py="$root/.venv-tools/bin/python"
+hyps=$("$py" -c 'import yolov5, os; print(os.path.join(os.path.dirname(yolov5.__file__), "data/hyps"))')
+TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 ULTRALYTICS_SKIP_REQUIREMENTS_CHECKS=1 /usr/bin/time -f "yolov5: wall %e s, peak RSS %M KB" \
+  "$py" -m yolov5.train --weights "$pt" --data "$data" --freeze 24 --hyp "$hyps/hyp.no-augmentation.yaml" \
+  --cache ram --device cpu --epochs "$epochs" --batch-size 16 --img 640 --project "$out/runs" --name yolov5 --workers 2
+echo "runs in $out/runs (freezesplit: fs/results.csv, YOLOv5: yolov5/results.csv)"
