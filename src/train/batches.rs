@@ -1,8 +1,7 @@
 //! Cached features and YOLO labels in; training samples and mini-batches out.
 //!
-//! Labels are moved into the letterboxed frame exactly as YOLOv5's dataloader
-//! moves them (`xywhn2xyxy` with the resize gain and padding, then
-//! `xyxy2xywhn(clip=True, eps=1e-3)`), so the loss sees the same targets as
+//! Labels are moved into the letterboxed frame as YOLOv5's dataloader moves
+//! them (`val::letterboxed_targets`), so the loss sees the same targets as
 //! train.py does without augmentation.
 
 use std::path::PathBuf;
@@ -59,30 +58,13 @@ pub fn load_split(cache: &FeatureCache, images: &[PathBuf], nc: usize, dtype: Dt
                     out.shapes = e.header.shapes.clone();
                 }
                 let lb = e.header.letterbox;
-                out.samples.push(Sample { targets: letterbox_targets(&labels.boxes, &lb), labels: labels.boxes, image: img, entry: path, letterbox: lb });
+                let t = crate::val::letterboxed_targets(&labels.boxes, &lb);
+                let targets = t.rows().into_iter().map(|r| [r[0], r[1], r[2], r[3], r[4]]).collect();
+                out.samples.push(Sample { targets, labels: labels.boxes, image: img, entry: path, letterbox: lb });
             }
         }
     }
     Ok(out)
-}
-
-/// YOLOv5's label transform into the letterboxed, normalised frame.
-pub fn letterbox_targets(labels: &[Label], lb: &LetterboxMeta) -> Vec<[f32; 5]> {
-    let (w, h) = (lb.resized[1] as f32, lb.resized[0] as f32);
-    let (pw, ph) = (lb.pad[0], lb.pad[1]);
-    let s = lb.imgsz as f32;
-    let clip = |v: f32| v.clamp(0.0, s - 1e-3);
-    labels
-        .iter()
-        .map(|l| {
-            let [x, y, bw, bh] = l.xywh;
-            let x1 = clip(w * (x - bw / 2.0) + pw);
-            let y1 = clip(h * (y - bh / 2.0) + ph);
-            let x2 = clip(w * (x + bw / 2.0) + pw);
-            let y2 = clip(h * (y + bh / 2.0) + ph);
-            [l.class as f32, (x1 + x2) / 2.0 / s, (y1 + y2) / 2.0 / s, (x2 - x1) / s, (y2 - y1) / s]
-        })
-        .collect()
 }
 
 /// One mini-batch: per level rows `[bs·H·W, C]` (rows `(b, y, x)`) and
@@ -125,8 +107,8 @@ mod tests {
     fn labels_follow_the_letterbox() {
         // 200x100 image into 100: resized 100x50, padded 25 top and bottom
         let lb = LetterboxMeta { shape0: [100, 200], resized: [50, 100], pad: [0.0, 25.0], imgsz: 100 };
-        let t = letterbox_targets(&[Label { class: 2, xywh: [0.5, 0.5, 0.2, 0.4] }], &lb);
-        let [c, x, y, w, h] = t[0];
+        let t = crate::val::letterboxed_targets(&[Label { class: 2, xywh: [0.5, 0.5, 0.2, 0.4] }], &lb);
+        let [c, x, y, w, h] = [t[[0, 0]], t[[0, 1]], t[[0, 2]], t[[0, 3]], t[[0, 4]]];
         assert_eq!(c, 2.0);
         assert!((x - 0.5).abs() < 1e-6 && (y - 0.5).abs() < 1e-6);
         assert!((w - 0.2).abs() < 1e-6 && (h - 0.2).abs() < 1e-6);
