@@ -17,6 +17,7 @@ pub mod graph;
 pub mod head;
 pub mod loss;
 pub mod metrics;
+pub mod plots;
 pub mod predict;
 pub mod preprocess;
 pub mod runs;

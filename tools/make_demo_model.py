@@ -13,8 +13,9 @@ Pipeline (all offline, CPU only, reproducible):
    ``class x y w h`` (normalised, the shape's bounding box);
 2. train yolov5n.yaml (depth_multiple 0.33, width_multiple --width, nc=3, default anchors)
    FROM SCRATCH with yolov5's own ``train.run`` (imgsz 256, CPU, batch 32, seed 0,
-   hyp.scratch-low with the overrides in HYP_OVERRIDES, Adam, ``noval`` = validate only
-   after the last epoch, so best.pt is the final EMA model);
+   hyp.scratch-low with the overrides in HYP_OVERRIDES, Adam; validation after every
+   epoch, best.pt = best fitness (``--noval`` crashes in yolov5 7.0.14: ``map50s``
+   unbound in train.py));
 3. validate best.pt with yolov5's own ``val.run`` and print P, R, mAP50, mAP50-95;
 4. export best.pt with yolov5's own ``export.run`` (ONNX, opset 17, static 1x3x256x256,
    not simplified), copy it to --out and verify it (onnx.checker, onnxruntime output
@@ -33,7 +34,7 @@ count / CPU kind (float summation order), so a rerun gives a very similar, not
 necessarily byte-identical, model.
 
 Usage:
-    .venv-tools/bin/python tools/make_demo_model.py [--epochs 13] [--width 0.125] \
+    .venv-tools/bin/python tools/make_demo_model.py [--epochs 10] [--width 0.125] \
         [--out models/demo-shapes.onnx] [--workdir DIR] [--keep]
 """
 from __future__ import annotations
@@ -247,7 +248,7 @@ def verify(path: Path, pt: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--epochs", type=int, default=13)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--width", type=float, default=0.125)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
@@ -284,7 +285,7 @@ def main() -> int:
             yolov5_train.run(data=str(data), cfg=str(cfg), weights="", hyp=str(hyp), epochs=args.epochs,
                              batch_size=args.batch, imgsz=IMG, device="cpu", workers=args.workers, seed=SEED,
                              project=str(work / "runs"), name="train", exist_ok=True, noplots=True,
-                             cache="ram", patience=1000, optimizer=OPTIMIZER, noval=True)
+                             cache="ram", patience=1000, optimizer=OPTIMIZER)
         t_train = time.time() - t0
         best = work / "runs" / "train" / "weights" / "best.pt"
         print(f"training: {args.epochs} epochs in {t_train / 60:.1f} min -> {best}")

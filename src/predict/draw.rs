@@ -79,14 +79,14 @@ fn fill_rect(img: &mut RgbImage, x1: i32, y1: i32, x2: i32, y2: i32, c: Rgb<u8>)
 }
 
 /// Width and height in pixels of `text` at `scale` (one line).
-fn text_size(scale: PxScale, font: &FontVec, text: &str) -> (u32, u32) {
+pub(crate) fn text_size(scale: PxScale, font: &FontVec, text: &str) -> (u32, u32) {
     let f = font.as_scaled(scale);
     let w: f32 = text.chars().map(|ch| f.h_advance(f.glyph_id(ch))).sum();
     (w.ceil() as u32, (f.ascent() - f.descent()).ceil() as u32)
 }
 
 /// Draws one line of text with its top-left corner at (x, y), alpha-blended.
-fn draw_text(img: &mut RgbImage, c: Rgb<u8>, x: i32, y: i32, scale: PxScale, font: &FontVec, text: &str) {
+pub(crate) fn draw_text(img: &mut RgbImage, c: Rgb<u8>, x: i32, y: i32, scale: PxScale, font: &FontVec, text: &str) {
     let f = font.as_scaled(scale);
     let (w, h) = (img.width() as i32, img.height() as i32);
     let mut caret = x as f32;

@@ -356,7 +356,29 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
         (false, Ok(best)) => Some(crate::val::validate_items(&best, &val_items, &val_opts)?),
         _ => None,
     };
+    if let Err(e) = plot_run(save_dir, &csv_path, after.as_ref()) {
+        eprintln!("warning: plots not written: {e:#}");
+    }
     Ok(TrainReport { save_dir: save_dir.clone(), rows, cache: cache.dir.clone(), train_images: train_set.samples.len(), val_images: val_set.samples.len(), cache_seconds, before, after })
+}
+
+/// results.png from results.csv (all epochs, also across a resume), and the
+/// best head's PR curve and confusion matrix.
+fn plot_run(save_dir: &Path, csv: &Path, best: Option<&crate::val::ValReport>) -> Result<()> {
+    let text = std::fs::read_to_string(csv)?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    let rows: Vec<Vec<f64>> = lines.map(|l| l.split(',').map(|v| v.parse().unwrap_or(f64::NAN)).collect()).collect();
+    let titles = ["train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall", "val/box_loss", "val/obj_loss", "val/cls_loss", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"];
+    let series: Vec<Vec<f64>> = titles.iter().map(|t| header.iter().position(|h| h == t).map(|c| rows.iter().map(|r| r[c]).collect()).unwrap_or_default()).collect();
+    crate::plots::results_png(&save_dir.join("results.png"), &titles, &series)?;
+    if let Some(r) = best {
+        if let Some(c) = &r.summary.curves {
+            crate::plots::pr_curve_png(&save_dir.join("PR_curve.png"), c, &r.names)?;
+        }
+        crate::plots::confusion_png(&save_dir.join("confusion_matrix.png"), &r.summary.confusion.matrix, &r.names)?;
+    }
+    Ok(())
 }
 
 fn csv_header() -> String {
