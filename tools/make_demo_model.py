@@ -102,6 +102,12 @@ from yolov5 import val as yolov5_val  # noqa: E402
 
 yolov5_train.attempt_download_from_hub = lambda *a, **k: None  # would query the HF hub
 yolov5_train.attempt_download = lambda file, *a, **k: str(file)
+import yolov5.models.common as yolov5_common  # noqa: E402  (val.py's DetectMultiBackend)
+
+yolov5_common.attempt_download_from_hub = lambda *a, **k: None
+
+if not hasattr(np, "trapz"):  # numpy 2.x removed it; yolov5 7.0.14's metrics.compute_ap uses it
+    np.trapz = np.trapezoid
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -306,7 +312,10 @@ def main() -> int:
 
         print("\n==== demo-shapes summary ====")
         print(f"model: yolov5n.yaml depth 0.33 width {args.width}, nc=3 {NAMES}, seed {SEED}")
-        print(f"train: {args.epochs} epochs, batch {args.batch}, imgsz {IMG}, {t_train / 60:.1f} min on CPU")
+        if args.from_pt is not None:
+            print(f"train: skipped, validated/exported checkpoint {args.from_pt}")
+        else:
+            print(f"train: {args.epochs} epochs, batch {args.batch}, imgsz {IMG}, {t_train / 60:.1f} min on CPU")
         print(f"val ({args.val_n} images): P {mp:.4f}  R {mr:.4f}  mAP50 {map50:.4f}  mAP50-95 {map5095:.4f}")
         print(f"onnx: {args.out} {info}")
         return 0
