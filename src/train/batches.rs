@@ -11,16 +11,12 @@ use ndarray::{Array2, ArrayD, IxDyn};
 use rayon::prelude::*;
 
 use crate::cache::{Dtype, Entry, FeatureCache, image_key};
-use crate::data::{self, Label};
-use crate::preprocess::LetterboxMeta;
+use crate::data;
 
 #[derive(Debug, Clone)]
 pub struct Sample {
     pub image: PathBuf,
     pub entry: PathBuf,
-    pub letterbox: LetterboxMeta,
-    /// Original labels (normalised to the original image).
-    pub labels: Vec<Label>,
     /// `[class, x, y, w, h]` normalised to the letterboxed square.
     pub targets: Vec<[f32; 5]>,
 }
@@ -60,7 +56,7 @@ pub fn load_split(cache: &FeatureCache, images: &[PathBuf], nc: usize, dtype: Dt
                 let lb = e.header.letterbox;
                 let t = crate::val::letterboxed_targets(&labels.boxes, &lb);
                 let targets = t.rows().into_iter().map(|r| [r[0], r[1], r[2], r[3], r[4]]).collect();
-                out.samples.push(Sample { targets, labels: labels.boxes, image: img, entry: path, letterbox: lb });
+                out.samples.push(Sample { targets, image: img, entry: path });
             }
         }
     }
@@ -101,7 +97,8 @@ pub fn load_batch(samples: &[&Sample], shapes: &[[usize; 3]]) -> Result<Batch> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::data::Label;
+    use crate::preprocess::LetterboxMeta;
 
     #[test]
     fn labels_follow_the_letterbox() {

@@ -191,7 +191,12 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
         bail!("none of the {} train images of {} could be read", train_images.len(), opts.data.display());
     }
     let shapes = train_set.shapes.clone();
-    let (val_items, _) = crate::val::cached_items(&cache, &val_set.samples.iter().map(|s| s.image.clone()).collect::<Vec<_>>(), opts.dtype);
+    // load_split already hashed the images and verified their entries
+    let val_items: Vec<crate::val::ValItem> = val_set
+        .samples
+        .iter()
+        .map(|s| Ok(crate::val::ValItem { image: s.image.clone(), entry: crate::cache::Entry::open_verified_before(&s.entry)? }))
+        .collect::<Result<_>>()?;
 
     // The starting head.
     let pretrained = Head::from_model(&model)?;
