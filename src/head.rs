@@ -117,6 +117,48 @@ impl Head {
         out
     }
 
+    /// The rows of `decode` whose objectness exceeds `min_obj`, in the same
+    /// order. NMS drops every other row first (`obj > conf_thres`), so
+    /// validation computes the objectness channels everywhere and the other
+    /// channels only at the surviving rows. Features must be standard layout.
+    pub fn decode_above(&self, levels: &[(ArrayView2<f32>, usize, usize)], min_obj: f64) -> Array2<f32> {
+        let (na, no) = (self.na(), self.no());
+        let mut rows: Vec<f32> = Vec::new();
+        for (li, (feat, ny, nx)) in levels.iter().enumerate() {
+            let sp = ny * nx;
+            let x = feat.as_slice().expect("decode_above: features must be standard layout");
+            let cin = feat.nrows();
+            let w = &self.weights[li];
+            let wobj: Vec<&[f32]> = (0..na).map(|a| w.row(a * no + 4).to_slice().unwrap()).collect();
+            let bobj: Vec<f32> = (0..na).map(|a| self.biases[li][a * no + 4]).collect();
+            let mut obj = vec![0.0f32; na * sp];
+            crate::kernels::conv_rows(&wobj, &bobj, x, sp, &mut obj);
+            let stride = self.strides[li];
+            let mut col = vec![0.0f32; cin];
+            for a in 0..na {
+                let [aw, ah] = self.anchors[li][a];
+                for p in 0..sp {
+                    // f64 as the NMS compares it
+                    if (sigmoid(obj[a * sp + p]) as f64) <= min_obj {
+                        continue;
+                    }
+                    for (c, v) in col.iter_mut().enumerate() {
+                        *v = x[c * sp + p];
+                    }
+                    let mut o: Vec<f32> = (0..no).map(|k| sigmoid(self.biases[li][a * no + k] + crate::kernels::dot(w.row(a * no + k).to_slice().unwrap(), &col))).collect();
+                    let (gx, gy) = ((p % nx) as f32, (p / nx) as f32);
+                    o[0] = (o[0] * 2.0 - 0.5 + gx) * stride;
+                    o[1] = (o[1] * 2.0 - 0.5 + gy) * stride;
+                    o[2] = (o[2] * 2.0).powi(2) * aw;
+                    o[3] = (o[3] * 2.0).powi(2) * ah;
+                    rows.extend(o);
+                }
+            }
+        }
+        let n = rows.len() / no;
+        Array2::from_shape_vec((n, no), rows).unwrap()
+    }
+
     pub fn meta(&self, source: HashMap<String, String>) -> HeadMeta {
         HeadMeta { nc: self.nc, names: self.names.clone(), strides: self.strides.clone(), anchors: self.anchors.clone(), source }
     }
@@ -182,6 +224,33 @@ mod tests {
             anchors: vec![vec![[10.0, 13.0]]],
             weights: vec![Array2::from_shape_fn((no, 2), |(i, j)| (i as f32 - j as f32) * 0.1)],
             biases: vec![Array1::from_shape_fn(no, |i| i as f32 * 0.01)],
+        }
+    }
+
+    #[test]
+    fn decode_above_keeps_exactly_the_confident_rows_in_order() {
+        let no = 7;
+        let head = Head {
+            nc: 2,
+            names: vec!["a".into(), "b".into()],
+            strides: vec![8.0, 16.0],
+            anchors: vec![vec![[10.0, 13.0], [16.0, 30.0]], vec![[30.0, 61.0], [62.0, 45.0]]],
+            weights: vec![Array2::from_shape_fn((2 * no, 3), |(i, j)| ((i * 7 + j * 3) % 11) as f32 * 0.3 - 1.5), Array2::from_shape_fn((2 * no, 3), |(i, j)| ((i * 5 + j) % 9) as f32 * 0.4 - 1.6)],
+            biases: vec![Array1::from_shape_fn(2 * no, |i| i as f32 * 0.05 - 0.3), Array1::from_shape_fn(2 * no, |i| 0.2 - i as f32 * 0.03)],
+        };
+        let f0 = Array2::from_shape_fn((3, 4 * 5), |(c, p)| ((c * 13 + p * 7) % 17) as f32 * 0.25 - 2.0);
+        let f1 = Array2::from_shape_fn((3, 2 * 3), |(c, p)| ((c * 3 + p * 11) % 7) as f32 * 0.5 - 1.5);
+        let levels = [(f0.view(), 4, 5), (f1.view(), 2, 3)];
+        let full = head.decode(&levels);
+        let min_obj = 0.5;
+        let kept: Vec<usize> = (0..full.nrows()).filter(|&r| full[[r, 4]] as f64 > min_obj).collect();
+        assert!(!kept.is_empty() && kept.len() < full.nrows());
+        let some = head.decode_above(&levels, min_obj);
+        assert_eq!(some.nrows(), kept.len());
+        for (i, &r) in kept.iter().enumerate() {
+            for k in 0..no {
+                assert!((some[[i, k]] - full[[r, k]]).abs() < 1e-4, "row {r} field {k}");
+            }
         }
     }
 

@@ -23,13 +23,19 @@ fn detect_head_is_found_in_every_model() {
         for (l, want) in s.levels.iter().zip(COCO_ANCHORS) {
             assert_eq!(l.anchors, want.to_vec(), "{name}");
         }
-        let (nc, first) = if name.contains("nc3") { (3, "circle") } else { (80, "person") };
+        let (nc, first) = if name.contains("nc3") {
+            (3, "circle")
+        } else if name.starts_with("demo-shapes") {
+            (9, "red circle")
+        } else {
+            (80, "person")
+        };
         assert_eq!(s.nc, nc, "{name}");
         assert_eq!(s.names[0], first, "{name}");
         assert!(s.names_from_metadata);
         let want_size = if name.contains("dyn") {
             None
-        } else if name.contains("256") {
+        } else if name.contains("256") || name.starts_with("demo-shapes") {
             Some([256, 256])
         } else if name.contains("320") {
             Some([320, 320])

@@ -14,10 +14,10 @@ use ndarray::{Array2, ArrayD, ArrayView4, Ix4, IxDyn};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use freezesplit::autograd::Tape;
+use freezesplit::autograd::{Tape, Var};
 use freezesplit::loss::{
     ANCHORS_P3_P5, Hyp, LossConfig, STRIDES_P3_P5, anchors_in_grid_units, build_targets,
-    compute_loss, head_forward, nchw_to_rows, scale_hyp,
+    LossParts, compute_loss, compute_loss_on_features, head_forward, nchw_to_rows, scale_hyp,
 };
 
 const CASES: [&str; 7] = [
@@ -265,6 +265,37 @@ fn loss_and_grads_match_yolov5() {
         assert!(p_err <= 1e-5, "{name}: head output differs by {p_err}");
 
         let parts = compute_loss(&mut t, &cfg, &p, &grids, bs, c.targets().view());
+        let (loss_rel, grad_rel) = check_against_fixture(name, &c, &t, parts, &ws, &bsv);
+
+        // The training path: the same loss straight from NCHW features, with
+        // the convs evaluated only where the loss reads them.
+        let mut t2 = Tape::new();
+        let (mut feats2, mut ws2, mut bsv2) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..nl {
+            feats2.push(t2.constant(c.f32(&format!("feat{i}"))));
+            ws2.push(t2.param(c.f32(&format!("weight{i}"))));
+            bsv2.push(t2.param(c.f32(&format!("bias{i}"))));
+        }
+        let parts2 = compute_loss_on_features(&mut t2, &cfg, &feats2, &ws2, &bsv2, &grids, bs, c.targets().view());
+        let (loss_rel2, grad_rel2) = check_against_fixture(name, &c, &t2, parts2, &ws2, &bsv2);
+        let p_txt = if p_stored {
+            format!("{p_err:.1e}")
+        } else {
+            "n/a".into()
+        };
+        report.push(format!(
+            "{name:14} loss max rel err {loss_rel:.2e}  grad max err/max|g| {grad_rel:.2e}  head p max abs err {p_txt}  | from features: loss {loss_rel2:.2e} grad {grad_rel2:.2e}"
+        ));
+    }
+    for r in report {
+        println!("{r}");
+    }
+}
+
+/// Losses and gradients of one tape against the fixture; returns the largest
+/// relative loss error and the largest gradient error / max|grad|.
+fn check_against_fixture(name: &str, c: &Case, t: &Tape, parts: LossParts, ws: &[Var], bsv: &[Var]) -> (f64, f32) {
+    let nl = ws.len();
         let mut loss_rel = 0.0f64;
         for (var, key) in [
             (parts.total, "total"),
@@ -303,16 +334,5 @@ fn loss_and_grads_match_yolov5() {
                 grad_rel = grad_rel.max(rel);
             }
         }
-        let p_txt = if p_stored {
-            format!("{p_err:.1e}")
-        } else {
-            "n/a".into()
-        };
-        report.push(format!(
-            "{name:14} loss max rel err {loss_rel:.2e}  grad max err/max|g| {grad_rel:.2e}  head p max abs err {p_txt}"
-        ));
-    }
-    for r in report {
-        println!("{r}");
-    }
+        (loss_rel, grad_rel)
 }

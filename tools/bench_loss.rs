@@ -1,6 +1,9 @@
 // Timing sanity check (not a test): forward + backward of head + ComputeLoss
 // for one batch of 16 images at imgsz 640, yolov5n head channels (64, 128, 256),
-// nc = 5. Run: cargo run --release --example bench_loss
+// nc = 5, two ways: `compute_loss_on_features` (what training runs: NCHW
+// features, convs only where the loss reads them) and the plain route
+// (`head_forward` on row-major features + `compute_loss`).
+// Run: cargo run --release --example bench_loss [full]
 // Feature copies into the tape are timed separately: in training the cached
 // batch is moved in, not copied. On glibc, repeated large allocations page-fault
 // unless freed memory is kept, e.g. GLIBC_TUNABLES=glibc.malloc.mmap_threshold=
@@ -12,7 +15,7 @@ use ndarray::{Array2, ArrayD, IxDyn};
 use freezesplit::autograd::Tape;
 use freezesplit::loss::{
     ANCHORS_P3_P5, Hyp, LossConfig, STRIDES_P3_P5, anchors_in_grid_units, compute_loss, grids_for,
-    head_forward, scale_hyp,
+    compute_loss_on_features, head_forward, nchw_to_rows, scale_hyp,
 };
 
 /// CPU time of all threads of this process in ms (Linux; 0 elsewhere): less
@@ -48,8 +51,12 @@ fn main() {
     let hyp = scale_hyp(&Hyp::scratch_low(), nc, 3, imgsz);
     let cfg = LossConfig::new(hyp, nc, anchors);
 
+    let full = std::env::args().nth(1).as_deref() == Some("full");
     let feats: Vec<ArrayD<f32>> = (0..3)
-        .map(|i| rand(&[bs * grids[i].0 * grids[i].1, ch[i]], 10 + i as u64, 1.0))
+        .map(|i| {
+            let f = rand(&[bs, ch[i], grids[i].0, grids[i].1], 10 + i as u64, 1.0);
+            if full { nchw_to_rows(f.view().into_dimensionality().unwrap()).into_dyn() } else { f }
+        })
         .collect();
     let weights: Vec<ArrayD<f32>> = (0..3)
         .map(|i| rand(&[na * no, ch[i]], 20 + i as u64, 0.05))
@@ -81,12 +88,12 @@ fn main() {
         let fv: Vec<_> = fcopies.into_iter().map(|f| t.constant(f)).collect();
         let wv: Vec<_> = weights.iter().map(|w| t.param(w.clone())).collect();
         let bv: Vec<_> = biases.iter().map(|b| t.param(b.clone())).collect();
-        let th = Instant::now();
-        let p = head_forward(&mut t, &fv, &wv, &bv, bs, &grids, na);
-        if std::env::var("PROF").is_ok() {
-            eprintln!("head fwd {:.1} ms", th.elapsed().as_secs_f64() * 1e3);
-        }
-        let parts = compute_loss(&mut t, &cfg, &p, &grids, bs, targets.view());
+        let parts = if full {
+            let p = head_forward(&mut t, &fv, &wv, &bv, bs, &grids, na);
+            compute_loss(&mut t, &cfg, &p, &grids, bs, targets.view())
+        } else {
+            compute_loss_on_features(&mut t, &cfg, &fv, &wv, &bv, &grids, bs, targets.view())
+        };
         let t2 = Instant::now();
         let g = t.backward(parts.total);
         let t3 = Instant::now();
@@ -116,8 +123,9 @@ fn main() {
     copy_times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     cpu.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!(
-        "bs {bs} imgsz {imgsz} nc {nc}: median forward {f:.1} ms + backward {b:.1} ms = {:.1} ms \
+        "{} bs {bs} imgsz {imgsz} nc {nc}: median forward {f:.1} ms + backward {b:.1} ms = {:.1} ms \
          (feature copy excluded: {:.1} ms); CPU time (all threads) median {:.1} ms",
+        if full { "plain conv + compute_loss:" } else { "compute_loss_on_features:" },
         f + b,
         copy_times[copy_times.len() / 2],
         cpu[cpu.len() / 2]

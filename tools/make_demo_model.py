@@ -7,11 +7,12 @@ Pipeline (all offline, CPU only, reproducible):
    (images/{train,val}/*.png, labels/{train,val}/*.txt, data.yaml):
    256x256 RGB, smooth random gradient background + uniform per-pixel noise +-20,
    1..4 objects (pairwise IoU <= 0.1, rejected and redrawn otherwise), box side
-   s ~ U[28, 72] px fully inside the image; classes 0 circle (disc inscribed in the box),
-   1 square (= the box), 2 triangle (top-centre, bottom-left, bottom-right of the box);
-   colour red / green / blue (uniform) with per-channel jitter +-20; YOLO labels
+   s ~ U[28, 72] px fully inside the image; shape circle (disc inscribed in the box),
+   square (= the box) or triangle (top-centre, bottom-left, bottom-right of the box);
+   colour red / green / blue (uniform) with per-channel jitter +-20; 9 classes
+   ``colour * 3 + shape`` named "red circle" ... "blue triangle"; YOLO labels
    ``class x y w h`` (normalised, the shape's bounding box);
-2. train yolov5n.yaml (depth_multiple 0.33, width_multiple --width, nc=3, default anchors)
+2. train yolov5n.yaml (depth_multiple 0.33, width_multiple --width, nc=9, default anchors)
    FROM SCRATCH with yolov5's own ``train.run`` (imgsz 256, CPU, batch 32, seed 0,
    hyp.scratch-low with the overrides in HYP_OVERRIDES, Adam; validation after every
    epoch, best.pt = best fitness (``--noval`` crashes in yolov5 7.0.14: ``map50s``
@@ -19,7 +20,7 @@ Pipeline (all offline, CPU only, reproducible):
 3. validate best.pt with yolov5's own ``val.run`` and print P, R, mAP50, mAP50-95;
 4. export best.pt with yolov5's own ``export.run`` (ONNX, opset 17, static 1x3x256x256,
    not simplified), copy it to --out and verify it (onnx.checker, onnxruntime output
-   ``output0`` [1, 4032, 8], metadata names, equality with the fused PyTorch model).
+   ``output0`` [1, 4032, 14], metadata names, equality with the fused PyTorch model).
 
 Offline patches (same as tools/make_test_models.py): ``attempt_download`` (and train.py's
 ``attempt_download_from_hub``) do not touch the network; ``torch.onnx.export`` defaults to
@@ -112,8 +113,13 @@ if not hasattr(np, "trapz"):  # numpy 2.x removed it; yolov5 7.0.14's metrics.co
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
 IMG = 256
-NAMES = ["circle", "square", "triangle"]
+SHAPES = ["circle", "square", "triangle"]
 COLOURS = [(220, 40, 40), (40, 180, 60), (40, 80, 220)]  # red, green, blue (RGB)
+COLOUR_NAMES = ["red", "green", "blue"]
+# 9 classes, colour-major: "red circle", "red square", ..., "blue triangle". Shape
+# and colour both have to be in the features for these; `freezesplit demo` then
+# retrains the class rows for a coarser, new class set (colour only).
+NAMES = [f"{c} {s}" for c in COLOUR_NAMES for s in SHAPES]
 OPTIMIZER = "Adam"
 HYP_OVERRIDES = {
     # hyp.scratch-low, except: Adam (lr0 0.002) instead of SGD and no mosaic -- both converge
@@ -165,15 +171,16 @@ def draw_image(rng: np.random.Generator):
         box = (cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2)
         if any(iou(box, b) > 0.1 for b, _, _ in boxes):
             continue  # reject and redraw
-        cls = int(rng.integers(0, 3))
-        base = np.array(COLOURS[int(rng.integers(0, 3))], dtype=np.float64)
+        cls = int(rng.integers(0, 3))  # shape
+        colour = int(rng.integers(0, 3))
+        base = np.array(COLOURS[colour], dtype=np.float64)
         col = np.clip(base + rng.integers(-20, 21, 3), 0, 255).astype(int)
-        boxes.append((box, cls, tuple(int(v) for v in col)))
+        boxes.append((box, (cls, colour), tuple(int(v) for v in col)))
 
     sh = 4  # cv2 sub-pixel shift bits
     k = 1 << sh
     labels = []
-    for (x0, y0, x1, y1), cls, col in boxes:
+    for (x0, y0, x1, y1), (cls, colour), col in boxes:
         if cls == 0:
             cv2.circle(img, (int(round((x0 + x1) / 2 * k)), int(round((y0 + y1) / 2 * k))),
                        int(round((x1 - x0) / 2 * k)), col, -1, cv2.LINE_AA, sh)
@@ -183,7 +190,7 @@ def draw_image(rng: np.random.Generator):
         else:
             pts = np.array([[(x0 + x1) / 2, y0], [x0, y1], [x1, y1]])
             cv2.fillPoly(img, [np.rint(pts * k).astype(np.int32)], col, cv2.LINE_AA, sh)
-        labels.append((cls, (x0 + x1) / 2 / IMG, (y0 + y1) / 2 / IMG, (x1 - x0) / IMG, (y1 - y0) / IMG))
+        labels.append((colour * 3 + cls, (x0 + x1) / 2 / IMG, (y0 + y1) / 2 / IMG, (x1 - x0) / IMG, (y1 - y0) / IMG))
     return img, labels
 
 
@@ -311,7 +318,7 @@ def main() -> int:
         info = verify(args.out, best)
 
         print("\n==== demo-shapes summary ====")
-        print(f"model: yolov5n.yaml depth 0.33 width {args.width}, nc=3 {NAMES}, seed {SEED}")
+        print(f"model: yolov5n.yaml depth 0.33 width {args.width}, nc={len(NAMES)} {NAMES}, seed {SEED}")
         if args.from_pt is not None:
             print(f"train: skipped, validated/exported checkpoint {args.from_pt}")
         else:

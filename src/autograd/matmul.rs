@@ -86,7 +86,7 @@ impl Tape {
     }
 }
 
-fn weight2(w: &ArrayD<f32>) -> ArrayView2<'_, f32> {
+pub(crate) fn weight2(w: &ArrayD<f32>) -> ArrayView2<'_, f32> {
     let sh = w.shape();
     let cin = if sh.len() == 4 {
         sh[1]

@@ -3,6 +3,7 @@
 // Out: `Tape::backward(loss)` -> `Grads` for the parameter leaves.
 
 pub mod binary;
+pub mod conv1x1;
 pub mod loss_ops;
 pub mod matmul;
 pub mod reduce;

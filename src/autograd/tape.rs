@@ -11,7 +11,7 @@
 
 use ndarray::ArrayD;
 
-use super::{binary, loss_ops, matmul, reduce, shape, unary};
+use super::{binary, conv1x1, loss_ops, matmul, reduce, shape, unary};
 
 /// Index of a value on the tape. Only meaningful for the tape that made it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -32,6 +32,19 @@ pub enum Op {
         w: Var,
         b: Var,
         bs: usize,
+        groups: usize,
+    },
+    Conv1x1Channels {
+        x: Var,
+        w: Var,
+        b: Var,
+        chans: Vec<usize>,
+    },
+    Conv1x1At {
+        x: Var,
+        w: Var,
+        b: Var,
+        picks: Vec<conv1x1::Pick>,
         groups: usize,
     },
     BceWithLogits {
@@ -112,6 +125,12 @@ impl Tape {
         self.nodes[v.0].requires_grad
     }
 
+    /// Moves a value out (leaving an empty array), e.g. to reuse a large
+    /// input buffer once the tape is done with it.
+    pub fn take_value(&mut self, v: Var) -> ArrayD<f32> {
+        std::mem::replace(&mut self.nodes[v.0].value, ArrayD::zeros(ndarray::IxDyn(&[0])))
+    }
+
     /// Value of a 0-d (or single-element) node.
     pub fn scalar(&self, v: Var) -> f32 {
         let a = self.value(v);
@@ -171,6 +190,8 @@ impl Tape {
                     bs,
                     groups,
                 } => matmul::linear_grouped_backward(self, *x, *w, *b, *bs, *groups, g, &mut acc),
+                Op::Conv1x1Channels { x, w, b, chans } => conv1x1::channels_backward(self, *x, *w, *b, chans, g, &mut acc),
+                Op::Conv1x1At { x, w, b, picks, groups } => conv1x1::at_backward(self, *x, *w, *b, picks, *groups, g, &mut acc),
                 Op::BceWithLogits {
                     logits,
                     targets,

@@ -2,8 +2,9 @@
 //! already cached / skipped images out.
 //!
 //! A producer thread reads, hashes, decodes and letterboxes images in parallel
-//! (rayon) while the calling thread runs the engine on the previous batch and
-//! writes its entries, so preprocessing overlaps inference. Images that cannot
+//! (rayon) while the calling thread runs the engine on the previous batch and a
+//! writer thread encodes and writes the batch before, so the engine never waits
+//! for the CPU work around it. Images that cannot
 //! be decoded are skipped with a warning naming the file, and counted.
 
 use std::path::{Path, PathBuf};
@@ -76,51 +77,73 @@ pub fn fill(cache: &FeatureCache, engine: &mut Engine, images: &[PathBuf], opts:
     bar.set_message(format!("caching features ({})", engine.name()));
     let mut report = FillReport { images: images.len(), ..Default::default() };
 
+    // Three stages so the engine never waits on the CPU work around it:
+    // producer (read, hash, decode, letterbox, build the input tensor) →
+    // engine (this thread) → writer (f16, checksum, atomic write).
     std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = bounded::<Vec<(PathBuf, Prepared)>>(2);
+        let (tx, rx) = bounded::<(Vec<(PathBuf, Prepared)>, Option<Array4<f32>>)>(2);
         scope.spawn(move || {
             for chunk in images.chunks(batch) {
                 let prepared: Vec<_> = chunk.par_iter().map(|p| (p.clone(), prepare(cache, p, opts.dtype, imgsz))).collect();
-                if tx.send(prepared).is_err() {
+                let lbs: Vec<&Letterboxed> = prepared.iter().filter_map(|(_, p)| if let Prepared::Ready(_, lb) = p { Some(lb) } else { None }).collect();
+                let input = (!lbs.is_empty()).then(|| {
+                    let plane = 3 * imgsz * imgsz;
+                    let mut input = Array4::<f32>::zeros((lbs.len(), 3, imgsz, imgsz));
+                    input.as_slice_mut().unwrap().par_chunks_mut(plane).zip(&lbs).for_each(|(dst, lb)| lb.write_chw(dst));
+                    input
+                });
+                if tx.send((prepared, input)).is_err() {
                     break; // the consumer failed; stop early
                 }
             }
         });
-        for chunk in rx {
-            let mut ready = Vec::new();
-            for (path, p) in chunk {
-                match p {
-                    Prepared::Cached => report.cached += 1,
-                    Prepared::Skipped(reason) => {
-                        bar.suspend(|| eprintln!("warning: skipping {}: {reason}", path.display()));
-                        report.skipped_images.push(SkippedImage { path, reason });
+        let (wtx, wrx) = bounded::<(Vec<(String, preprocess::LetterboxMeta)>, Vec<ndarray::Array4<f32>>)>(2);
+        let writer = scope.spawn(move || -> Result<Option<usize>> {
+            let mut bytes_per_image = None;
+            for (ready, levels) in wrx {
+                let sizes: Vec<usize> = ready
+                    .par_iter()
+                    .enumerate()
+                    .map(|(b, (key, meta))| {
+                        let views: Vec<_> = levels.iter().map(|l| l.index_axis(Axis(0), b)).collect();
+                        let bytes = entry::encode(&views, *meta, opts.dtype);
+                        crate::fsutil::write_atomic(&cache.entry_path(key, opts.dtype), &bytes)?;
+                        Ok(bytes.len())
+                    })
+                    .collect::<Result<_>>()?;
+                bytes_per_image = sizes.first().copied().or(bytes_per_image);
+            }
+            Ok(bytes_per_image)
+        });
+        let run = (|| -> Result<()> {
+            for (chunk, input) in rx {
+                let mut ready = Vec::new();
+                for (path, p) in chunk {
+                    match p {
+                        Prepared::Cached => report.cached += 1,
+                        Prepared::Skipped(reason) => {
+                            bar.suspend(|| eprintln!("warning: skipping {}: {reason}", path.display()));
+                            report.skipped_images.push(SkippedImage { path, reason });
+                        }
+                        Prepared::Ready(key, lb) => ready.push((key, lb.meta)),
                     }
-                    Prepared::Ready(key, lb) => ready.push((key, lb)),
                 }
+                bar.set_position((report.cached + report.skipped_images.len() + report.computed) as u64);
+                let Some(input) = input else { continue };
+                let outputs = engine.run(input.view())?;
+                let levels: Vec<_> = outputs.into_iter().map(|o| o.into_dimensionality::<Ix4>()).collect::<Result<_, _>>()?;
+                report.computed += ready.len();
+                if wtx.send((ready, levels)).is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+                bar.set_position((report.cached + report.skipped_images.len() + report.computed) as u64);
             }
-            bar.inc((report.cached + report.skipped_images.len() + report.computed) as u64 - bar.position());
-            if ready.is_empty() {
-                continue;
-            }
-            let plane = 3 * imgsz * imgsz;
-            let mut input = Array4::<f32>::zeros((ready.len(), 3, imgsz, imgsz));
-            input.as_slice_mut().unwrap().par_chunks_mut(plane).zip(&ready).for_each(|(dst, (_, lb))| lb.write_chw(dst));
-            let outputs = engine.run(input.view())?;
-            let levels: Vec<_> = outputs.into_iter().map(|o| o.into_dimensionality::<Ix4>()).collect::<Result<_, _>>()?;
-            let sizes: Vec<usize> = ready
-                .par_iter()
-                .enumerate()
-                .map(|(b, (key, lb))| {
-                    let views: Vec<_> = levels.iter().map(|l| l.index_axis(Axis(0), b)).collect();
-                    let bytes = entry::encode(&views, lb.meta, opts.dtype);
-                    crate::fsutil::write_atomic(&cache.entry_path(key, opts.dtype), &bytes)?;
-                    Ok(bytes.len())
-                })
-                .collect::<Result<_>>()?;
-            report.bytes_per_image = sizes.first().copied();
-            report.computed += ready.len();
-            bar.inc(ready.len() as u64);
-        }
+            Ok(())
+        })();
+        drop(wtx);
+        let written = writer.join().map_err(|_| anyhow::anyhow!("the cache writer thread panicked"))?;
+        run?;
+        report.bytes_per_image = written?;
         Ok(())
     })?;
     bar.finish_and_clear();

@@ -146,17 +146,6 @@ impl Entry {
         }
     }
 
-    /// Level `i` transposed to rows `[H*W, C]` (row `y*W + x`), the layout the
-    /// head's matrix product reads, written into `out`.
-    pub fn level_rows_into(&self, i: usize, scratch: &mut Vec<f32>, out: &mut [f32]) {
-        let [c, h, w] = self.header.shapes[i];
-        scratch.resize(c * h * w, 0.0);
-        self.level_into(i, scratch);
-        let chw = ndarray::ArrayView2::from_shape((c, h * w), scratch).unwrap();
-        let mut rows = ndarray::ArrayViewMut2::from_shape((h * w, c), out).unwrap();
-        rows.assign(&chw.t());
-    }
-
     pub fn bytes(&self) -> usize {
         self.map.len()
     }

@@ -27,7 +27,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!("\nnew class set (colour instead of shape), class rows trained, box and objectness rows kept:");
+    println!("\nnew class set (3 colours instead of 9 colour+shape classes), class rows trained, box and objectness rows kept:");
     println!("{:<28} {:>10} {:>10}", "", "before", "after");
     for (name, b, a) in [
         ("mAP50", r.before.map50, r.after.map50),

@@ -1,8 +1,9 @@
 //! `freezesplit demo`: nothing in; the whole job on a built-in example out.
 //!
 //! The committed demo model (models/demo-shapes.onnx) was pretrained to
-//! detect circles, squares and triangles. The demo draws a new synthetic
-//! dataset of the same objects labelled by colour, caches its features,
+//! detect red, green and blue circles, squares and triangles (9 classes). The
+//! demo draws a new synthetic dataset of the same objects labelled by colour
+//! only (3 classes), caches its features,
 //! trains only the class rows for the new 3-class set, prints the before/after
 //! table, exports the fine-tuned ONNX and annotates a few val images.
 

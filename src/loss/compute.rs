@@ -3,6 +3,8 @@
 // in (b, a, y, x) order (= YOLOv5's p[i] of shape [bs, na, ny, nx, no],
 // flattened), the grids (ny, nx), bs, targets [nt, 6] (image, class, x, y, w,
 // h normalised), and a `LossConfig` (hyp, nc, anchors in grid units).
+// `compute_loss_on_features` takes the frozen features and head parameters
+// instead of p and evaluates the convs only where the loss reads them.
 // Out: `LossParts` vars: total = (lbox + lobj + lcls) * bs and the three parts
 // (already multiplied by hyp box/obj/cls), all 0-d.
 
@@ -11,6 +13,7 @@ use ndarray::{Array2, ArrayView2};
 use super::bbox::bbox_ciou;
 use super::hyp::{Hyp, balance_for, smooth_bce};
 use super::targets::{LevelTargets, build_targets};
+use crate::autograd::conv1x1::Pick;
 use crate::autograd::{Tape, Var};
 
 /// Focal loss alpha, as YOLOv5's FocalLoss default.
@@ -87,6 +90,16 @@ fn bce_mean(t: &mut Tape, logits: Var, target: ndarray::ArrayD<f32>, pw: f32, ga
     t.mean(loss)
 }
 
+/// What the loss reads of one level's head output: `obj` the objectness logits
+/// `[bs*na*ny*nx, 1]` (rows (b, a, y, x)), and `ps` the full outputs `[n, no]`
+/// at build_targets' n positives, in its order (None when n = 0).
+#[derive(Clone, Copy, Debug)]
+pub struct LevelOutputs {
+    pub obj: Var,
+    pub ps: Option<Var>,
+}
+
+/// ComputeLoss on the raw head output p[i] (`[bs*na*ny*nx, no]` per level).
 pub fn compute_loss(
     t: &mut Tape,
     cfg: &LossConfig,
@@ -95,13 +108,69 @@ pub fn compute_loss(
     bs: usize,
     targets: ArrayView2<f32>,
 ) -> LossParts {
-    let nl = p.len();
+    let (na, no) = (cfg.na(), cfg.no());
+    assert_eq!(grids.len(), p.len());
+    let tgts = build_targets(targets, &cfg.anchors, grids, cfg.hyp.anchor_t);
+    let outs: Vec<LevelOutputs> = p
+        .iter()
+        .zip(&tgts)
+        .zip(grids)
+        .map(|((&pi, lt), &(ny, nx))| {
+            assert_eq!(t.value(pi).shape(), &[bs * na * ny * nx, no], "p must be [bs*na*ny*nx, no]");
+            let ps = (!lt.is_empty()).then(|| t.index_select(pi, &lt.rows(na, ny, nx)));
+            LevelOutputs { obj: t.slice_cols(pi, 4, 5), ps }
+        })
+        .collect();
+    loss_from_outputs(t, cfg, &tgts, &outs, grids, bs)
+}
+
+/// ComputeLoss straight from the frozen features: `feats[i]` `[bs, cin,
+/// ny*nx]` (the cache's layout), the head's conv `weights[i]` and `biases[i]`.
+/// Same value as `head_forward` + `compute_loss`, but the conv is evaluated
+/// only where the loss reads it: objectness everywhere, all channels at the
+/// positives (see `autograd::conv1x1`).
+pub fn compute_loss_on_features(
+    t: &mut Tape,
+    cfg: &LossConfig,
+    feats: &[Var],
+    weights: &[Var],
+    biases: &[Var],
+    grids: &[(usize, usize)],
+    bs: usize,
+    targets: ArrayView2<f32>,
+) -> LossParts {
+    let (na, no) = (cfg.na(), cfg.no());
+    assert!(feats.len() == grids.len() && weights.len() == grids.len() && biases.len() == grids.len());
+    let tgts = build_targets(targets, &cfg.anchors, grids, cfg.hyp.anchor_t);
+    let obj_channels: Vec<usize> = (0..na).map(|a| a * no + 4).collect();
+    let outs: Vec<LevelOutputs> = (0..grids.len())
+        .map(|i| {
+            let (ny, nx) = grids[i];
+            let xs = t.value(feats[i]).shape();
+            assert!(xs[0] == bs && xs[2..].iter().product::<usize>() == ny * nx, "features[{i}] must be [bs, cin, ny*nx]");
+            let lt = &tgts[i];
+            let picks: Vec<Pick> = (0..lt.len()).map(|k| (lt.b[k] as u32, (lt.gj[k] * nx + lt.gi[k]) as u32, lt.a[k] as u32)).collect();
+            let ps = (!lt.is_empty()).then(|| t.conv1x1_at(feats[i], weights[i], biases[i], &picks, na));
+            LevelOutputs { obj: t.conv1x1_channels(feats[i], weights[i], biases[i], &obj_channels), ps }
+        })
+        .collect();
+    loss_from_outputs(t, cfg, &tgts, &outs, grids, bs)
+}
+
+fn loss_from_outputs(
+    t: &mut Tape,
+    cfg: &LossConfig,
+    tgts: &[LevelTargets],
+    outs: &[LevelOutputs],
+    grids: &[(usize, usize)],
+    bs: usize,
+) -> LossParts {
+    let nl = outs.len();
     let (na, no, nc) = (cfg.na(), cfg.no(), cfg.nc);
     assert_eq!(grids.len(), nl);
     assert_eq!(cfg.anchors.len(), nl);
     let h = &cfg.hyp;
     let (cp, cn) = smooth_bce(h.label_smoothing);
-    let tgts: Vec<LevelTargets> = build_targets(targets, &cfg.anchors, grids, h.anchor_t);
 
     let mut lbox: Option<Var> = None;
     let mut lobj: Option<Var> = None;
@@ -115,20 +184,15 @@ pub fn compute_loss(
 
     for i in 0..nl {
         let (ny, nx) = grids[i];
-        let pi = p[i];
         let rows_total = bs * na * ny * nx;
-        assert_eq!(
-            t.value(pi).shape(),
-            &[rows_total, no],
-            "p[{i}] must be [bs*na*ny*nx, no]"
-        );
+        assert_eq!(t.value(outs[i].obj).shape(), &[rows_total, 1], "obj[{i}] must be [bs*na*ny*nx, 1]");
         let lt = &tgts[i];
         let mut tobj = Array2::<f32>::zeros((rows_total, 1));
 
         let n = lt.len();
-        if n > 0 {
+        if let Some(ps) = outs[i].ps.filter(|_| n > 0) {
+            assert_eq!(t.value(ps).shape(), &[n, no], "ps[{i}] must be [n, no]");
             let rows = lt.rows(na, ny, nx);
-            let ps = t.index_select(pi, &rows);
 
             // Regression
             let pxy = t.slice_cols(ps, 0, 2);
@@ -174,8 +238,7 @@ pub fn compute_loss(
             }
         }
 
-        let pobj = t.slice_cols(pi, 4, 5);
-        let obji = bce_mean(t, pobj, tobj.into_dyn(), h.obj_pw, h.fl_gamma);
+        let obji = bce_mean(t, outs[i].obj, tobj.into_dyn(), h.obj_pw, h.fl_gamma);
         let lo = t.mul_scalar(obji, cfg.balance[i]);
         acc(t, &mut lobj, lo);
     }
@@ -225,6 +288,52 @@ mod tests {
         }
         let parts = compute_loss(&mut t, &cfg, &p, &grids, 1, targets.view());
         (t, first.unwrap(), parts)
+    }
+
+    #[test]
+    fn loss_on_features_equals_loss_on_full_output() {
+        // head_forward + compute_loss vs compute_loss_on_features: same losses and
+        // the same weight/bias gradients, with targets on every level, a border
+        // target (neighbour cells) and label smoothing.
+        use crate::autograd::fd::rand_array;
+        use crate::loss::head::{head_forward, nchw_to_rows};
+        let (bs, nc, na) = (2, 4, 3);
+        let no = nc + 5;
+        let grids = [(8, 8), (4, 4), (2, 2)];
+        let cins = [5, 6, 7];
+        let mut hyp = Hyp::scratch_low();
+        hyp.label_smoothing = 0.1;
+        let cfg = LossConfig::new(hyp, nc, anchors_in_grid_units(&ANCHORS_P3_P5, &STRIDES_P3_P5));
+        let targets = arr2(&[[0.0f32, 1.0, 0.5, 0.5, 0.3, 0.4], [1.0, 3.0, 0.06, 0.9, 0.1, 0.1], [1.0, 0.0, 0.7, 0.3, 0.9, 0.8]]);
+        let feats: Vec<ArrayD<f32>> = (0..3).map(|i| rand_array(&[bs, cins[i], grids[i].0, grids[i].1], 10 + i as u64, -1.0, 1.0)).collect();
+        let ws: Vec<ArrayD<f32>> = (0..3).map(|i| rand_array(&[na * no, cins[i]], 20 + i as u64, -0.5, 0.5)).collect();
+        let bsv: Vec<ArrayD<f32>> = (0..3).map(|i| rand_array(&[na * no], 30 + i as u64, -1.0, 1.0)).collect();
+        let run = |sparse: bool| {
+            let mut t = Tape::new();
+            let w: Vec<Var> = ws.iter().map(|w| t.param(w.clone())).collect();
+            let b: Vec<Var> = bsv.iter().map(|b| t.param(b.clone())).collect();
+            let parts = if sparse {
+                let f: Vec<Var> = feats.iter().map(|f| t.constant(f.clone())).collect();
+                compute_loss_on_features(&mut t, &cfg, &f, &w, &b, &grids, bs, targets.view())
+            } else {
+                let f: Vec<Var> = feats.iter().map(|f| t.constant(nchw_to_rows(f.view().into_dimensionality().unwrap()).into_dyn())).collect();
+                let p = head_forward(&mut t, &f, &w, &b, bs, &grids, na);
+                compute_loss(&mut t, &cfg, &p, &grids, bs, targets.view())
+            };
+            let l = [t.scalar(parts.lbox), t.scalar(parts.lobj), t.scalar(parts.lcls)];
+            let mut g = t.backward(parts.total);
+            let grads: Vec<ArrayD<f32>> = w.iter().chain(&b).map(|&v| g.take(v).unwrap()).collect();
+            (l, grads)
+        };
+        let (la, ga) = run(false);
+        let (lb, gb) = run(true);
+        for k in 0..3 {
+            assert!(la[k] > 0.0 && (la[k] - lb[k]).abs() <= 1e-6 * la[k], "loss {k}: {} vs {}", la[k], lb[k]);
+        }
+        for (a, b) in ga.iter().zip(&gb) {
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * scale));
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::data::Dataset;
 use crate::engine::{Engine, EngineOptions};
 use crate::graph::Model;
 use crate::head::Head;
-use crate::loss::{LossConfig, compute_loss, head_forward, scale_hyp};
+use crate::loss::{LossConfig, compute_loss_on_features, scale_hyp};
 use batches::{Sample, SplitData, load_batch, load_split};
 use hyp::TrainHyp;
 use optim::{Ema, OptimizerKind, Optimizer, Param, interp, lr_factor};
@@ -142,21 +142,22 @@ fn head_with(template: &Head, values: &[ArrayD<f32>]) -> Head {
     h
 }
 
-/// Loss parts `[box, obj, cls]` (not × bs) and, if asked, parameter gradients.
-fn step(values: &[ArrayD<f32>], batch: batches::Batch, cfg: &LossConfig, grids: &[(usize, usize)], grads: bool) -> ([f32; 3], Option<Vec<ArrayD<f32>>>) {
+/// Loss parts `[box, obj, cls]` (not × bs), parameter gradients if asked, and
+/// the batch's feature buffers back for the next `load_batch`.
+fn step(values: &[ArrayD<f32>], batch: batches::Batch, cfg: &LossConfig, grids: &[(usize, usize)], grads: bool) -> ([f32; 3], Option<Vec<ArrayD<f32>>>, Vec<ArrayD<f32>>) {
     let mut t = Tape::new();
     let vars: Vec<_> = values.iter().map(|v| if grads { t.param(v.clone()) } else { t.constant(v.clone()) }).collect();
     let feats: Vec<_> = batch.feats.into_iter().map(|f| t.constant(f)).collect();
     let weights: Vec<_> = vars.iter().step_by(2).copied().collect();
     let biases: Vec<_> = vars.iter().skip(1).step_by(2).copied().collect();
-    let p = head_forward(&mut t, &feats, &weights, &biases, batch.bs, grids, cfg.na());
-    let parts = compute_loss(&mut t, cfg, &p, grids, batch.bs, batch.targets.view());
+    let parts = compute_loss_on_features(&mut t, cfg, &feats, &weights, &biases, grids, batch.bs, batch.targets.view());
     let losses = [t.scalar(parts.lbox), t.scalar(parts.lobj), t.scalar(parts.lcls)];
     let g = grads.then(|| {
         let mut g = t.backward(parts.total);
         vars.iter().map(|&v| g.take(v).unwrap_or_else(|| ArrayD::zeros(t.value(v).raw_dim()))).collect()
     });
-    (losses, g)
+    let bufs = feats.iter().map(|&f| t.take_value(f)).collect();
+    (losses, g, bufs)
 }
 
 fn tensors_of(prefix: &str, v: &[ArrayD<f32>], out: &mut BTreeMap<String, ArrayD<f32>>) {
@@ -272,7 +273,9 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
 
     let val_opts = crate::val::ValOptions { batch_size: bs * 2, dtype: opts.dtype, ..Default::default() };
     let before = if val_items.is_empty() { None } else { Some(crate::val::validate_items(&head0, &val_items, &val_opts)?) };
+    let train_start = std::time::Instant::now();
     for epoch in counters.epoch..opts.epochs {
+        let epoch_start = std::time::Instant::now();
         let mut order: Vec<usize> = (0..train_set.samples.len()).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64)));
         let bar = if opts.progress { ProgressBar::with_draw_target(Some(nb as u64), ProgressDrawTarget::stderr()) } else { ProgressBar::hidden() };
@@ -280,6 +283,7 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
         bar.set_prefix(format!("{:>5}", format!("{}/{}", epoch, opts.epochs - 1)));
         let mut mloss = [0f64; 3];
         let mut accumulate = accumulate0;
+        let mut bufs = Vec::new();
         for (i, chunk) in order.chunks(bs).enumerate() {
             let ni = (i + nb * epoch) as f64;
             if ni <= nw as f64 {
@@ -291,9 +295,10 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
                 }
             }
             let refs: Vec<&Sample> = chunk.iter().map(|&j| &train_set.samples[j]).collect();
-            let batch = load_batch(&refs, &shapes)?;
+            let batch = load_batch(&refs, &shapes, std::mem::take(&mut bufs))?;
             let values: Vec<ArrayD<f32>> = params.iter().map(|p| p.value.clone()).collect();
-            let (l, g) = step(&values, batch, &cfg, &grids, true);
+            let (l, g, back) = step(&values, batch, &cfg, &grids, true);
+            bufs = back;
             for (a, g) in acc.iter_mut().zip(g.unwrap()) {
                 // the loss is × bs, as train.py's
                 *a += &g;
@@ -319,6 +324,7 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
             optimizer.lr[g] = opts.hyp.lr0 * lr_factor((epoch + 1) as f64, opts.epochs, opts.hyp.lrf, opts.cos_lr);
         }
 
+        let train_seconds = epoch_start.elapsed().as_secs_f64();
         let ema_head = head_with(&head0, &ema.params);
         let (metrics, val) = if val_items.is_empty() {
             ([0.0; 4], [f32::NAN; 3])
@@ -329,9 +335,11 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
         };
         let row = EpochRow { epoch, train: mloss.map(|v| v as f32), metrics, val, lr };
         eprintln!(
-            "{:>5}  train box {:.4} obj {:.4} cls {:.4}  val P {:.3} R {:.3} mAP50 {:.3} mAP50-95 {:.3}  box {:.4} obj {:.4} cls {:.4}",
+            "{:>5}  train box {:.4} obj {:.4} cls {:.4}  val P {:.3} R {:.3} mAP50 {:.3} mAP50-95 {:.3}  box {:.4} obj {:.4} cls {:.4}  ({:.2}s train + {:.2}s val)",
             format!("{}/{}", epoch, opts.epochs - 1),
-            row.train[0], row.train[1], row.train[2], metrics[0], metrics[1], metrics[2], metrics[3], row.val[0], row.val[1], row.val[2]
+            row.train[0], row.train[1], row.train[2], metrics[0], metrics[1], metrics[2], metrics[3], row.val[0], row.val[1], row.val[2],
+            train_seconds,
+            epoch_start.elapsed().as_secs_f64() - train_seconds
         );
         // YOLOv5's fitness: 0.1·mAP50 + 0.9·mAP50-95
         let fitness = 0.1 * metrics[2] + 0.9 * metrics[3];
@@ -357,6 +365,8 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
             std::process::abort();
         }
     }
+    let done = opts.epochs.saturating_sub(rows.first().map_or(opts.epochs, |r| r.epoch));
+    eprintln!("{done} epochs completed in {:.1}s ({:.2}s per epoch)", train_start.elapsed().as_secs_f64(), train_start.elapsed().as_secs_f64() / done.max(1) as f64);
     let after = match (val_items.is_empty(), Head::load(&wdir.join("best"))) {
         (false, Ok(best)) => Some(crate::val::validate_items(&best, &val_items, &val_opts)?),
         _ => None,

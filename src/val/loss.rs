@@ -3,8 +3,8 @@
 //! lcls)` out, as `compute_loss(train_out, targets)[1]` (hyp gains applied,
 //! not multiplied by the batch size).
 //!
-//! The raw head outputs come from `head_forward` on a tape where everything is
-//! a constant (no gradients are needed); hyp is hyp.scratch-low scaled by
+//! The loss runs on a tape where everything is a constant (no gradients are
+//! needed), evaluating the convs only where the loss reads them; hyp is hyp.scratch-low scaled by
 //! train.py's `scale_hyp` for nc, nl and imgsz.
 
 use anyhow::Result;
@@ -12,7 +12,7 @@ use ndarray::{Array2, Array3, Array4, ArrayView2, Axis};
 
 use crate::autograd::Tape;
 use crate::head::Head;
-use crate::loss::{Hyp, LossConfig, compute_loss, head_forward, nchw_to_rows, scale_hyp};
+use crate::loss::{Hyp, LossConfig, compute_loss_on_features, scale_hyp};
 
 /// `levels[b][i]` is image `b`'s level `i`; `targets[b]` is `[m, 5]`
 /// (cls, x, y, w, h normalised by imgsz).
@@ -42,11 +42,10 @@ pub fn batch_loss(head: &Head, levels: &[Vec<Array3<f32>>], targets: &[ArrayView
     for i in 0..nl {
         let views: Vec<_> = levels.iter().map(|l| l[i].view().insert_axis(Axis(0))).collect();
         let x: Array4<f32> = ndarray::concatenate(Axis(0), &views)?;
-        feats.push(t.constant(nchw_to_rows(x.view()).into_dyn()));
+        feats.push(t.constant(x.into_dyn()));
         ws.push(t.constant(head.weights[i].clone().into_dyn()));
         bsv.push(t.constant(head.biases[i].clone().into_dyn()));
     }
-    let p = head_forward(&mut t, &feats, &ws, &bsv, bs, &grids, head.na());
-    let parts = compute_loss(&mut t, &cfg, &p, &grids, bs, tg.view());
+    let parts = compute_loss_on_features(&mut t, &cfg, &feats, &ws, &bsv, &grids, bs, tg.view());
     Ok([t.scalar(parts.lbox), t.scalar(parts.lobj), t.scalar(parts.lcls)])
 }

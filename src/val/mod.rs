@@ -137,7 +137,7 @@ pub fn validate_items(head: &Head, items: &[ValItem], opts: &ValOptions) -> Resu
             .zip(&levels)
             .map(|(it, lv)| {
                 let views: Vec<_> = lv.iter().map(|l| (l.view().into_shape_with_order((l.dim().0, l.dim().1 * l.dim().2)).unwrap(), l.dim().1, l.dim().2)).collect();
-                let pred = head.decode(&views);
+                let pred = head.decode_above(&views, opts.conf_thres);
                 evaluate_image(pred.view(), &it.entry.header.letterbox, &it.image, head.nc, opts)
             })
             .collect();
