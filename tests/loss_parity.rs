@@ -14,7 +14,7 @@ use ndarray::{Array2, ArrayD, ArrayView4, Ix4, IxDyn};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use freezesplit::autograd::{Tape, Var};
+use freezesplit::autograd::{Features, Tape, Var};
 use freezesplit::loss::{
     ANCHORS_P3_P5, Hyp, LossConfig, STRIDES_P3_P5, anchors_in_grid_units, build_targets,
     LossParts, compute_loss, compute_loss_on_features, head_forward, nchw_to_rows, scale_hyp,
@@ -272,7 +272,7 @@ fn loss_and_grads_match_yolov5() {
         let mut t2 = Tape::new();
         let (mut feats2, mut ws2, mut bsv2) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..nl {
-            feats2.push(t2.constant(c.f32(&format!("feat{i}"))));
+            feats2.push(t2.features(Features::from_array(c.f32(&format!("feat{i}")))));
             ws2.push(t2.param(c.f32(&format!("weight{i}"))));
             bsv2.push(t2.param(c.f32(&format!("bias{i}"))));
         }

@@ -3,7 +3,7 @@
 // nc = 5, two ways: `compute_loss_on_features` (what training runs: NCHW
 // features, convs only where the loss reads them) and the plain route
 // (`head_forward` on row-major features + `compute_loss`).
-// Run: cargo run --release --example bench_loss [full]
+// Run: cargo run --release --example bench_loss [full|f16]
 // Feature copies into the tape are timed separately: in training the cached
 // batch is moved in, not copied. On glibc, repeated large allocations page-fault
 // unless freed memory is kept, e.g. GLIBC_TUNABLES=glibc.malloc.mmap_threshold=
@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use ndarray::{Array2, ArrayD, IxDyn};
-use freezesplit::autograd::Tape;
+use freezesplit::autograd::{FeatData, Features, Tape};
 use freezesplit::loss::{
     ANCHORS_P3_P5, Hyp, LossConfig, STRIDES_P3_P5, anchors_in_grid_units, compute_loss, grids_for,
     compute_loss_on_features, head_forward, nchw_to_rows, scale_hyp,
@@ -42,6 +42,16 @@ fn rand(shape: &[usize], seed: u64, scale: f32) -> ArrayD<f32> {
     ArrayD::from_shape_simple_fn(IxDyn(shape), || (lcg(&mut s) * 2.0 - 1.0) * scale)
 }
 
+/// The batch as training holds it: f32, or f16 as cached.
+fn to_features(a: ArrayD<f32>, f16: bool) -> Features {
+    let f = Features::from_array(a);
+    if !f16 {
+        return f;
+    }
+    let FeatData::F32(v) = &f.data else { unreachable!() };
+    Features { data: FeatData::F16(v.iter().map(|&x| half::f16::from_f32(x)).collect()), ..f }
+}
+
 fn main() {
     let (bs, imgsz, nc, na) = (16usize, 640usize, 5usize, 3usize);
     let no = nc + 5;
@@ -52,6 +62,7 @@ fn main() {
     let cfg = LossConfig::new(hyp, nc, anchors);
 
     let full = std::env::args().nth(1).as_deref() == Some("full");
+    let f16 = std::env::args().nth(1).as_deref() == Some("f16");
     let feats: Vec<ArrayD<f32>> = (0..3)
         .map(|i| {
             let f = rand(&[bs, ch[i], grids[i].0, grids[i].1], 10 + i as u64, 1.0);
@@ -82,16 +93,19 @@ fn main() {
     for it in 0..iters + 1 {
         let t0 = Instant::now();
         let fcopies: Vec<ArrayD<f32>> = feats.to_vec();
+        let fcopies: Vec<Option<Features>> = if full { vec![] } else { fcopies.iter().map(|f| Some(to_features(f.clone(), f16))).collect() };
+        let rows: Vec<ArrayD<f32>> = if full { feats.to_vec() } else { vec![] };
         let t1 = Instant::now();
         let c1 = cpu_ms();
         let mut t = Tape::new();
-        let fv: Vec<_> = fcopies.into_iter().map(|f| t.constant(f)).collect();
         let wv: Vec<_> = weights.iter().map(|w| t.param(w.clone())).collect();
         let bv: Vec<_> = biases.iter().map(|b| t.param(b.clone())).collect();
         let parts = if full {
+            let fv: Vec<_> = rows.into_iter().map(|f| t.constant(f)).collect();
             let p = head_forward(&mut t, &fv, &wv, &bv, bs, &grids, na);
             compute_loss(&mut t, &cfg, &p, &grids, bs, targets.view())
         } else {
+            let fv: Vec<_> = fcopies.into_iter().map(|f| t.features(f.unwrap())).collect();
             compute_loss_on_features(&mut t, &cfg, &fv, &wv, &bv, &grids, bs, targets.view())
         };
         let t2 = Instant::now();
@@ -125,7 +139,7 @@ fn main() {
     println!(
         "{} bs {bs} imgsz {imgsz} nc {nc}: median forward {f:.1} ms + backward {b:.1} ms = {:.1} ms \
          (feature copy excluded: {:.1} ms); CPU time (all threads) median {:.1} ms",
-        if full { "plain conv + compute_loss:" } else { "compute_loss_on_features:" },
+        if full { "plain conv + compute_loss:" } else if f16 { "compute_loss_on_features (f16):" } else { "compute_loss_on_features:" },
         f + b,
         copy_times[copy_times.len() / 2],
         cpu[cpu.len() / 2]

@@ -1,7 +1,7 @@
 // 1x1 convolutions read straight from cached NCHW features, computing only the
 // outputs the YOLOv5 loss reads.
-// In: x [bs, cin, S...] (a level's features as the cache stores them, S = ny*nx),
-//     w [cout, cin] (or the conv's [cout, cin, 1, 1]), b [cout].
+// In: features x (a `Features` on the tape: [bs, cin, S] as the cache stores a
+//     level, S = ny*nx, f32 or f16), w [cout, cin] (or [cout, cin, 1, 1]), b [cout].
 // - conv1x1_channels(x, w, b, chans): output channels `chans` at every position
 //   -> [bs*k*S, 1] with rows (b, j, s). With chans = the na objectness channels
 //   (a*no + 4) this is YOLOv5's p[i][..., 4] flattened in (b, a, y, x) order.
@@ -11,77 +11,125 @@
 // Why: ComputeLoss reads box and class outputs only at the positives (a few
 // hundred rows a batch) and objectness everywhere. The plain conv computes all
 // na*no channels at every position, ~10x the work the loss uses, and needs the
-// features transposed to rows first. Backward follows the same pattern.
+// features transposed and converted to f32 first. Backward follows the same
+// pattern, for w and b only: frozen features never get a gradient.
 
+use half::f16;
+use ndarray::{ArrayD, ArrayView2, Axis, IxDyn};
 use rayon::prelude::*;
-use ndarray::{Array2, ArrayD, ArrayView2, Axis, IxDyn};
 
-use crate::kernels::{axpy, conv_rows, dot, dots};
 use super::matmul::weight2;
-use super::tape::{GradAcc, Op, Tape, Var};
+use super::tape::{Feat, GradAcc, Op, Tape, Var};
+use crate::kernels::{Elem, axpy, conv_rows, dot, dots};
 
 /// `(image, position, group)` of one gathered output row.
 pub type Pick = (u32, u32, u32);
 
-/// x as [bs, cin, S] (trailing spatial dims flattened), standard layout.
-fn x3(x: &ArrayD<f32>) -> (&[f32], usize, usize, usize) {
-    let sh = x.shape();
-    assert!(sh.len() >= 3, "conv1x1: features must be [bs, cin, spatial...]");
-    let s: usize = sh[2..].iter().product();
-    (x.as_slice().expect("conv1x1: features must be in standard layout"), sh[0], sh[1], s)
+/// One level's frozen features for a batch, `[bs, cin, S]` row-major, in the
+/// cache's dtype. Not a tape value: it never needs a gradient.
+pub struct Features {
+    pub data: FeatData,
+    pub bs: usize,
+    pub cin: usize,
+    pub sp: usize,
+}
+
+pub enum FeatData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl Features {
+    /// From an f32 array `[bs, cin, spatial...]`.
+    pub fn from_array(a: ArrayD<f32>) -> Features {
+        let sh = a.shape().to_vec();
+        assert!(sh.len() >= 3, "features must be [bs, cin, spatial...]");
+        let a = if a.is_standard_layout() { a } else { a.as_standard_layout().into_owned() };
+        let (data, offset) = a.into_raw_vec_and_offset();
+        assert_eq!(offset.unwrap_or(0), 0);
+        Features { data: FeatData::F32(data), bs: sh[0], cin: sh[1], sp: sh[2..].iter().product() }
+    }
+
+    pub fn shape(&self) -> [usize; 3] {
+        [self.bs, self.cin, self.sp]
+    }
+}
+
+/// Runs `$body` with `$x` bound to the features' slice, whatever the dtype.
+macro_rules! with_data {
+    ($f:expr, $x:ident => $body:expr) => {
+        match &$f.data {
+            FeatData::F32($x) => $body,
+            FeatData::F16($x) => $body,
+        }
+    };
 }
 
 impl Tape {
+    /// Puts a batch's features on the tape (as input to the conv1x1 ops).
+    pub fn features(&mut self, f: Features) -> Feat {
+        self.features.push(f);
+        Feat(self.features.len() - 1)
+    }
+
+    pub fn feature_data(&self, f: Feat) -> &Features {
+        &self.features[f.0]
+    }
+
+    /// Moves features out again (to reuse the buffer for the next batch).
+    pub fn take_features(&mut self, f: Feat) -> Features {
+        std::mem::replace(&mut self.features[f.0], Features { data: FeatData::F32(Vec::new()), bs: 0, cin: 0, sp: 0 })
+    }
+
     /// See the file header.
-    pub fn conv1x1_channels(&mut self, x: Var, w: Var, b: Var, chans: &[usize]) -> Var {
-        let (xd, bs, cin, sp) = x3(self.value(x));
+    pub fn conv1x1_channels(&mut self, x: Feat, w: Var, b: Var, chans: &[usize]) -> Var {
+        let f = &self.features[x.0];
+        let (bs, cin, sp) = (f.bs, f.cin, f.sp);
         let wv = weight2(self.value(w));
         let bv = self.value(b);
         assert_eq!(wv.ncols(), cin, "conv1x1_channels: cin differs");
         assert!(chans.iter().all(|&c| c < wv.nrows()), "conv1x1_channels: channel out of range");
         let k = chans.len();
         let wsel: Vec<Vec<f32>> = chans.iter().map(|&c| wv.row(c).to_vec()).collect();
-        let mut out = vec![0.0f32; bs * k * sp];
-        let bsel: Vec<f32> = chans.iter().map(|&c| bv[[c]]).collect();
         let wrefs: Vec<&[f32]> = wsel.iter().map(|w| w.as_slice()).collect();
-        out.par_chunks_mut(k * sp).enumerate().for_each(|(bi, ob)| {
-            conv_rows(&wrefs, &bsel, &xd[bi * cin * sp..(bi + 1) * cin * sp], sp, ob);
-        });
+        let bsel: Vec<f32> = chans.iter().map(|&c| bv[[c]]).collect();
+        let mut out = vec![0.0f32; bs * k * sp];
+        with_data!(f, xd => out.par_chunks_mut(k * sp).zip(xd.par_chunks(cin * sp)).for_each(|(ob, xb)| conv_rows(&wrefs, &bsel, xb, sp, ob)));
         let v = ArrayD::from_shape_vec(IxDyn(&[bs * k * sp, 1]), out).unwrap();
-        self.push_op(v, Op::Conv1x1Channels { x, w, b, chans: chans.to_vec() }, &[x, w, b])
+        self.push_op(v, Op::Conv1x1Channels { x, w, b, chans: chans.to_vec() }, &[w, b])
     }
 
     /// See the file header.
-    pub fn conv1x1_at(&mut self, x: Var, w: Var, b: Var, picks: &[Pick], groups: usize) -> Var {
-        let (xd, bs, cin, sp) = x3(self.value(x));
+    pub fn conv1x1_at(&mut self, x: Feat, w: Var, b: Var, picks: &[Pick], groups: usize) -> Var {
+        let f = &self.features[x.0];
         let wv = weight2(self.value(w));
         let bv = self.value(b);
-        assert_eq!(wv.ncols(), cin, "conv1x1_at: cin differs");
+        assert_eq!(wv.ncols(), f.cin, "conv1x1_at: cin differs");
         assert!(groups > 0 && wv.nrows() % groups == 0, "conv1x1_at: groups");
         let kdim = wv.nrows() / groups;
-        let mut out = Array2::<f32>::zeros((picks.len(), kdim));
-        let mut col = vec![0.0f32; cin];
-        for (mut o, &(bi, si, g)) in out.outer_iter_mut().zip(picks) {
-            let (bi, si, g) = (bi as usize, si as usize, g as usize);
-            assert!(bi < bs && si < sp && g < groups, "conv1x1_at: pick out of range");
-            gather_col(xd, cin, sp, bi, si, &mut col);
+        let mut out = vec![0.0f32; picks.len() * kdim];
+        let mut col = vec![0.0f32; f.cin];
+        for (o, &(bi, si, g)) in out.chunks_exact_mut(kdim).zip(picks) {
+            assert!((bi as usize) < f.bs && (si as usize) < f.sp && (g as usize) < groups, "conv1x1_at: pick out of range");
+            with_data!(f, xd => gather_col(xd, f.cin, f.sp, bi as usize, si as usize, &mut col));
             for (j, o) in o.iter_mut().enumerate() {
-                let r = g * kdim + j;
+                let r = g as usize * kdim + j;
                 *o = bv[[r]] + dot(wv.row(r).as_slice().unwrap(), &col);
             }
         }
-        self.push_op(out.into_dyn(), Op::Conv1x1At { x, w, b, picks: picks.to_vec(), groups }, &[x, w, b])
+        let v = ArrayD::from_shape_vec(IxDyn(&[picks.len(), kdim]), out).unwrap();
+        self.push_op(v, Op::Conv1x1At { x, w, b, picks: picks.to_vec(), groups }, &[w, b])
     }
 }
 
-fn gather_col(xd: &[f32], cin: usize, sp: usize, bi: usize, si: usize, col: &mut [f32]) {
+fn gather_col<T: Elem>(xd: &[T], cin: usize, sp: usize, bi: usize, si: usize, col: &mut [f32]) {
     let base = bi * cin * sp + si;
     for (c, v) in col.iter_mut().enumerate() {
-        *v = xd[base + c * sp];
+        *v = xd[base + c * sp].to_f32();
     }
 }
 
-/// An all-zero gradient of `w`'s shape, filled as [cout, cin].
+/// A zero gradient of `w`'s shape and its [cout, cin] view's cin.
 fn zeros_like_w(t: &Tape, w: Var) -> (ArrayD<f32>, usize) {
     let cin = weight2(t.value(w)).ncols();
     (ArrayD::zeros(t.value(w).raw_dim()), cin)
@@ -92,8 +140,13 @@ fn w_rows(dw: &mut ArrayD<f32>, cin: usize) -> ndarray::ArrayViewMut2<'_, f32> {
     dw.view_mut().into_shape_with_order((cout, cin)).unwrap()
 }
 
-pub fn channels_backward(t: &Tape, x: Var, w: Var, b: Var, chans: &[usize], g: ArrayD<f32>, acc: &mut GradAcc) {
-    let (xd, bs, cin, sp) = x3(t.value(x));
+fn bias_grad(db: &[f64]) -> ArrayD<f32> {
+    ArrayD::from_shape_vec(IxDyn(&[db.len()]), db.iter().map(|&v| v as f32).collect()).unwrap()
+}
+
+pub fn channels_backward(t: &Tape, x: Feat, w: Var, b: Var, chans: &[usize], g: ArrayD<f32>, acc: &mut GradAcc) {
+    let f = &t.features[x.0];
+    let (cin, sp) = (f.cin, f.sp);
     let g = g.as_standard_layout().into_owned();
     let gd = g.as_slice().unwrap();
     let k = chans.len();
@@ -104,18 +157,17 @@ pub fn channels_backward(t: &Tape, x: Var, w: Var, b: Var, chans: &[usize], g: A
                 db[chans[j]] += gj.iter().map(|&v| v as f64).sum::<f64>();
             }
         }
-        acc.add(b, ArrayD::from_shape_vec(IxDyn(&[db.len()]), db.iter().map(|&v| v as f32).collect()).unwrap());
+        acc.add(b, bias_grad(&db));
     }
     if acc.wants(w) {
         // per image [k, cin] partials in parallel, summed in image order so the
         // result does not depend on the thread count
-        let parts: Vec<Vec<f32>> = (0..bs)
-            .into_par_iter()
-            .map(|bi| {
-                let xb = &xd[bi * cin * sp..(bi + 1) * cin * sp];
-                let gb = &gd[bi * k * sp..(bi + 1) * k * sp];
-                let mut p = vec![0.0f32; k * cin];
+        let parts: Vec<Vec<f32>> = with_data!(f, xd => xd
+            .par_chunks(cin * sp)
+            .zip(gd.par_chunks(k * sp))
+            .map(|(xb, gb)| {
                 let grows: Vec<&[f32]> = gb.chunks_exact(sp).collect();
+                let mut p = vec![0.0f32; k * cin];
                 let mut d = vec![0.0f32; k];
                 for (c, xr) in xb.chunks_exact(sp).enumerate() {
                     dots(&grows, xr, &mut d);
@@ -125,37 +177,23 @@ pub fn channels_backward(t: &Tape, x: Var, w: Var, b: Var, chans: &[usize], g: A
                 }
                 p
             })
-            .collect();
-        let (mut dw, cin2) = zeros_like_w(t, w);
-        let mut dw2 = w_rows(&mut dw, cin2);
+            .collect());
+        let (mut dw, _) = zeros_like_w(t, w);
+        let mut dw2 = w_rows(&mut dw, cin);
         for p in parts {
             for (j, &ch) in chans.iter().enumerate() {
-                let mut r = dw2.row_mut(ch);
-                for (d, v) in r.iter_mut().zip(&p[j * cin..(j + 1) * cin]) {
+                for (d, v) in dw2.row_mut(ch).iter_mut().zip(&p[j * cin..(j + 1) * cin]) {
                     *d += v;
                 }
             }
         }
         acc.add(w, dw);
     }
-    if acc.wants(x) {
-        let wv = weight2(t.value(w));
-        let mut dx = ArrayD::<f32>::zeros(t.value(x).raw_dim());
-        let dxd = dx.as_slice_mut().unwrap();
-        dxd.par_chunks_mut(cin * sp).zip(gd.par_chunks(k * sp)).for_each(|(dxb, gb)| {
-            for (c, dxr) in dxb.chunks_exact_mut(sp).enumerate() {
-                for (j, gj) in gb.chunks_exact(sp).enumerate() {
-                    axpy(dxr, wv[[chans[j], c]], gj);
-                }
-            }
-        });
-        acc.add(x, dx);
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn at_backward(t: &Tape, x: Var, w: Var, b: Var, picks: &[Pick], groups: usize, g: ArrayD<f32>, acc: &mut GradAcc) {
-    let (xd, _, cin, sp) = x3(t.value(x));
+pub fn at_backward(t: &Tape, x: Feat, w: Var, b: Var, picks: &[Pick], groups: usize, g: ArrayD<f32>, acc: &mut GradAcc) {
+    let f = &t.features[x.0];
     let g = g.as_standard_layout().into_owned();
     let g2: ArrayView2<f32> = g.view().into_dimensionality().unwrap();
     let kdim = g2.ncols();
@@ -167,14 +205,14 @@ pub fn at_backward(t: &Tape, x: Var, w: Var, b: Var, picks: &[Pick], groups: usi
                 db[gi as usize * kdim + j] += *v as f64;
             }
         }
-        acc.add(b, ArrayD::from_shape_vec(IxDyn(&[db.len()]), db.iter().map(|&v| v as f32).collect()).unwrap());
+        acc.add(b, bias_grad(&db));
     }
     if acc.wants(w) {
         let (mut dw, _) = zeros_like_w(t, w);
-        let mut dw2 = w_rows(&mut dw, cin);
-        let mut col = vec![0.0f32; cin];
+        let mut dw2 = w_rows(&mut dw, f.cin);
+        let mut col = vec![0.0f32; f.cin];
         for (gr, &(bi, si, gi)) in g2.axis_iter(Axis(0)).zip(picks) {
-            gather_col(xd, cin, sp, bi as usize, si as usize, &mut col);
+            with_data!(f, xd => gather_col(xd, f.cin, f.sp, bi as usize, si as usize, &mut col));
             for (j, &gv) in gr.iter().enumerate() {
                 if gv != 0.0 {
                     axpy(dw2.row_mut(gi as usize * kdim + j).as_slice_mut().unwrap(), gv, &col);
@@ -182,19 +220,6 @@ pub fn at_backward(t: &Tape, x: Var, w: Var, b: Var, picks: &[Pick], groups: usi
             }
         }
         acc.add(w, dw);
-    }
-    if acc.wants(x) {
-        let wv = weight2(t.value(w));
-        let mut dx = ArrayD::<f32>::zeros(t.value(x).raw_dim());
-        let dxd = dx.as_slice_mut().unwrap();
-        for (gr, &(bi, si, gi)) in g2.axis_iter(Axis(0)).zip(picks) {
-            let base = bi as usize * cin * sp + si as usize;
-            for c in 0..cin {
-                let s: f32 = gr.iter().enumerate().map(|(j, gv)| gv * wv[[gi as usize * kdim + j, c]]).sum();
-                dxd[base + c * sp] += s;
-            }
-        }
-        acc.add(x, dx);
     }
 }
 
@@ -218,7 +243,7 @@ mod tests {
         let b = rand_array(&[groups * kdim], 3, -1.0, 1.0);
         let want = conv(&x, &w, &b);
         let mut t = Tape::new();
-        let (xv, wv, bv) = (t.constant(x), t.constant(w), t.constant(b));
+        let (xv, wv, bv) = (t.features(Features::from_array(x)), t.constant(w), t.constant(b));
         let chans = [2usize, 6, 10];
         let y = t.conv1x1_channels(xv, wv, bv, &chans);
         for bi in 0..bs {
@@ -239,12 +264,34 @@ mod tests {
     }
 
     #[test]
+    fn f16_features_give_the_f32_result_of_the_rounded_values() {
+        let (bs, cin, sp) = (2, 19, 45);
+        let x = rand_array(&[bs, cin, sp], 11, -2.0, 2.0).mapv(|v| f16::from_f32(v).to_f32());
+        let w = rand_array(&[6, cin], 12, -1.0, 1.0);
+        let b = rand_array(&[6], 13, -1.0, 1.0);
+        let halves: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        let mut t = Tape::new();
+        let f32s = t.features(Features::from_array(x));
+        let f16s = t.features(Features { data: FeatData::F16(halves), bs, cin, sp });
+        let (wv, bv) = (t.param(w), t.param(b));
+        let a = t.conv1x1_channels(f32s, wv, bv, &[4, 1]);
+        let h = t.conv1x1_channels(f16s, wv, bv, &[4, 1]);
+        assert!(t.value(a).iter().zip(t.value(h)).all(|(p, q)| (p - q).abs() < 1e-4));
+        let pa = t.conv1x1_at(f32s, wv, bv, &[(1, 44, 1)], 2);
+        let ph = t.conv1x1_at(f16s, wv, bv, &[(1, 44, 1)], 2);
+        assert!(t.value(pa).iter().zip(t.value(ph)).all(|(p, q)| (p - q).abs() < 1e-4));
+    }
+
+    #[test]
     fn channels_grads() {
         let (bs, cin, ny, nx) = (2, 3, 2, 3);
         let x = rand_array(&[bs, cin, ny, nx], 4, -1.0, 1.0);
         let w = rand_array(&[6, cin, 1, 1], 5, -1.0, 1.0);
         let b = rand_array(&[6], 6, -1.0, 1.0);
-        check(&[x, w, b], |t, v| t.conv1x1_channels(v[0], v[1], v[2], &[1, 4]));
+        check(&[w, b], move |t, v| {
+            let f = t.features(Features::from_array(x.clone()));
+            t.conv1x1_channels(f, v[0], v[1], &[1, 4])
+        });
     }
 
     #[test]
@@ -253,6 +300,9 @@ mod tests {
         let x = rand_array(&[bs, cin, sp], 7, -1.0, 1.0);
         let w = rand_array(&[6, cin], 8, -1.0, 1.0);
         let b = rand_array(&[6], 9, -1.0, 1.0);
-        check(&[x, w, b], |t, v| t.conv1x1_at(v[0], v[1], v[2], &[(0, 1, 1), (1, 4, 0), (0, 1, 1)], 2));
+        check(&[w, b], move |t, v| {
+            let f = t.features(Features::from_array(x.clone()));
+            t.conv1x1_at(f, v[0], v[1], &[(0, 1, 1), (1, 4, 0), (0, 1, 1)], 2)
+        });
     }
 }

@@ -15,5 +15,6 @@ pub mod unary;
 pub(crate) mod fd;
 
 pub use binary::BinaryOp;
-pub use tape::{GradAcc, Grads, Op, Tape, Var};
+pub use conv1x1::{FeatData, Features};
+pub use tape::{Feat, GradAcc, Grads, Op, Tape, Var};
 pub use unary::UnaryOp;

@@ -17,6 +17,10 @@ use super::{binary, conv1x1, loss_ops, matmul, reduce, shape, unary};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Var(pub usize);
 
+/// Index of a batch of frozen features on the tape (see `conv1x1::Features`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Feat(pub usize);
+
 /// How a node was produced; holds what its backward needs besides values.
 #[derive(Clone, Debug)]
 pub enum Op {
@@ -35,13 +39,13 @@ pub enum Op {
         groups: usize,
     },
     Conv1x1Channels {
-        x: Var,
+        x: Feat,
         w: Var,
         b: Var,
         chans: Vec<usize>,
     },
     Conv1x1At {
-        x: Var,
+        x: Feat,
         w: Var,
         b: Var,
         picks: Vec<conv1x1::Pick>,
@@ -65,6 +69,8 @@ pub struct Node {
 #[derive(Default)]
 pub struct Tape {
     pub nodes: Vec<Node>,
+    /// Inputs of the conv1x1 ops, kept apart from the values: never differentiated.
+    pub features: Vec<conv1x1::Features>,
 }
 
 /// Gradients of the parameter leaves, indexed by `Var`.
@@ -85,7 +91,7 @@ impl Grads {
 
 impl Tape {
     pub fn new() -> Self {
-        Tape { nodes: Vec::new() }
+        Tape::default()
     }
 
     pub fn len(&self) -> usize {
@@ -123,12 +129,6 @@ impl Tape {
 
     pub fn requires_grad(&self, v: Var) -> bool {
         self.nodes[v.0].requires_grad
-    }
-
-    /// Moves a value out (leaving an empty array), e.g. to reuse a large
-    /// input buffer once the tape is done with it.
-    pub fn take_value(&mut self, v: Var) -> ArrayD<f32> {
-        std::mem::replace(&mut self.nodes[v.0].value, ArrayD::zeros(ndarray::IxDyn(&[0])))
     }
 
     /// Value of a 0-d (or single-element) node.

@@ -79,6 +79,12 @@ pub fn encode(levels: &[ArrayView3<f32>], letterbox: LetterboxMeta, dtype: Dtype
     buf
 }
 
+/// One level's stored values.
+pub enum LevelData<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
 /// A verified, memory-mapped entry.
 pub struct Entry {
     map: Mmap,
@@ -143,6 +149,19 @@ impl Entry {
             // the payload starts 64-byte aligned in a page-aligned map
             Dtype::F32 => out.copy_from_slice(bytemuck::cast_slice(bytes)),
             Dtype::F16 => bytemuck::cast_slice::<u8, f16>(bytes).convert_to_f32_slice(out),
+        }
+    }
+
+    /// Level `i` as stored (f16 or f32), without converting: `[C*H*W]`.
+    pub fn level_raw(&self, i: usize) -> LevelData<'_> {
+        let size = self.header.dtype.size();
+        let before: usize = self.header.shapes[..i].iter().map(|s| s.iter().product::<usize>()).sum();
+        let len: usize = self.header.shapes[i].iter().product();
+        let bytes = &self.map[self.data_start + before * size..self.data_start + (before + len) * size];
+        // the payload starts 64-byte aligned in a page-aligned map
+        match self.header.dtype {
+            Dtype::F32 => LevelData::F32(bytemuck::cast_slice(bytes)),
+            Dtype::F16 => LevelData::F16(bytemuck::cast_slice(bytes)),
         }
     }
 

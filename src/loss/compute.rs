@@ -14,7 +14,7 @@ use super::bbox::bbox_ciou;
 use super::hyp::{Hyp, balance_for, smooth_bce};
 use super::targets::{LevelTargets, build_targets};
 use crate::autograd::conv1x1::Pick;
-use crate::autograd::{Tape, Var};
+use crate::autograd::{Feat, Tape, Var};
 
 /// Focal loss alpha, as YOLOv5's FocalLoss default.
 const FOCAL_ALPHA: f32 = 0.25;
@@ -125,14 +125,15 @@ pub fn compute_loss(
 }
 
 /// ComputeLoss straight from the frozen features: `feats[i]` `[bs, cin,
-/// ny*nx]` (the cache's layout), the head's conv `weights[i]` and `biases[i]`.
+/// ny*nx]` (the cache's layout and dtype), the head's conv `weights[i]` and
+/// `biases[i]`.
 /// Same value as `head_forward` + `compute_loss`, but the conv is evaluated
 /// only where the loss reads it: objectness everywhere, all channels at the
 /// positives (see `autograd::conv1x1`).
 pub fn compute_loss_on_features(
     t: &mut Tape,
     cfg: &LossConfig,
-    feats: &[Var],
+    feats: &[Feat],
     weights: &[Var],
     biases: &[Var],
     grids: &[(usize, usize)],
@@ -146,8 +147,8 @@ pub fn compute_loss_on_features(
     let outs: Vec<LevelOutputs> = (0..grids.len())
         .map(|i| {
             let (ny, nx) = grids[i];
-            let xs = t.value(feats[i]).shape();
-            assert!(xs[0] == bs && xs[2..].iter().product::<usize>() == ny * nx, "features[{i}] must be [bs, cin, ny*nx]");
+            let [fbs, _, fsp] = t.feature_data(feats[i]).shape();
+            assert!(fbs == bs && fsp == ny * nx, "features[{i}] must be [bs, cin, ny*nx]");
             let lt = &tgts[i];
             let picks: Vec<Pick> = (0..lt.len()).map(|k| (lt.b[k] as u32, (lt.gj[k] * nx + lt.gi[k]) as u32, lt.a[k] as u32)).collect();
             let ps = (!lt.is_empty()).then(|| t.conv1x1_at(feats[i], weights[i], biases[i], &picks, na));
@@ -313,7 +314,7 @@ mod tests {
             let w: Vec<Var> = ws.iter().map(|w| t.param(w.clone())).collect();
             let b: Vec<Var> = bsv.iter().map(|b| t.param(b.clone())).collect();
             let parts = if sparse {
-                let f: Vec<Var> = feats.iter().map(|f| t.constant(f.clone())).collect();
+                let f: Vec<Feat> = feats.iter().map(|f| t.features(crate::autograd::Features::from_array(f.clone()))).collect();
                 compute_loss_on_features(&mut t, &cfg, &f, &w, &b, &grids, bs, targets.view())
             } else {
                 let f: Vec<Var> = feats.iter().map(|f| t.constant(nchw_to_rows(f.view().into_dimensionality().unwrap()).into_dyn())).collect();

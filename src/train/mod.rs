@@ -25,7 +25,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::autograd::Tape;
+use crate::autograd::{Features, Tape};
 use crate::cache::{Dtype, FeatureCache, build};
 use crate::data::Dataset;
 use crate::engine::{Engine, EngineOptions};
@@ -144,10 +144,10 @@ fn head_with(template: &Head, values: &[ArrayD<f32>]) -> Head {
 
 /// Loss parts `[box, obj, cls]` (not × bs), parameter gradients if asked, and
 /// the batch's feature buffers back for the next `load_batch`.
-fn step(values: &[ArrayD<f32>], batch: batches::Batch, cfg: &LossConfig, grids: &[(usize, usize)], grads: bool) -> ([f32; 3], Option<Vec<ArrayD<f32>>>, Vec<ArrayD<f32>>) {
+fn step(values: &[ArrayD<f32>], batch: batches::Batch, cfg: &LossConfig, grids: &[(usize, usize)], grads: bool) -> ([f32; 3], Option<Vec<ArrayD<f32>>>, Vec<Features>) {
     let mut t = Tape::new();
     let vars: Vec<_> = values.iter().map(|v| if grads { t.param(v.clone()) } else { t.constant(v.clone()) }).collect();
-    let feats: Vec<_> = batch.feats.into_iter().map(|f| t.constant(f)).collect();
+    let feats: Vec<_> = batch.feats.into_iter().map(|f| t.features(f)).collect();
     let weights: Vec<_> = vars.iter().step_by(2).copied().collect();
     let biases: Vec<_> = vars.iter().skip(1).step_by(2).copied().collect();
     let parts = compute_loss_on_features(&mut t, cfg, &feats, &weights, &biases, grids, batch.bs, batch.targets.view());
@@ -156,7 +156,7 @@ fn step(values: &[ArrayD<f32>], batch: batches::Batch, cfg: &LossConfig, grids: 
         let mut g = t.backward(parts.total);
         vars.iter().map(|&v| g.take(v).unwrap_or_else(|| ArrayD::zeros(t.value(v).raw_dim()))).collect()
     });
-    let bufs = feats.iter().map(|&f| t.take_value(f)).collect();
+    let bufs = feats.iter().map(|&f| t.take_features(f)).collect();
     (losses, g, bufs)
 }
 
@@ -295,7 +295,7 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
                 }
             }
             let refs: Vec<&Sample> = chunk.iter().map(|&j| &train_set.samples[j]).collect();
-            let batch = load_batch(&refs, &shapes, std::mem::take(&mut bufs))?;
+            let batch = load_batch(&refs, &shapes, opts.dtype, std::mem::take(&mut bufs))?;
             let values: Vec<ArrayD<f32>> = params.iter().map(|p| p.value.clone()).collect();
             let (l, g, back) = step(&values, batch, &cfg, &grids, true);
             bufs = back;

@@ -10,7 +10,7 @@
 use anyhow::Result;
 use ndarray::{Array2, Array3, Array4, ArrayView2, Axis};
 
-use crate::autograd::Tape;
+use crate::autograd::{Features, Tape};
 use crate::head::Head;
 use crate::loss::{Hyp, LossConfig, compute_loss_on_features, scale_hyp};
 
@@ -42,7 +42,7 @@ pub fn batch_loss(head: &Head, levels: &[Vec<Array3<f32>>], targets: &[ArrayView
     for i in 0..nl {
         let views: Vec<_> = levels.iter().map(|l| l[i].view().insert_axis(Axis(0))).collect();
         let x: Array4<f32> = ndarray::concatenate(Axis(0), &views)?;
-        feats.push(t.constant(x.into_dyn()));
+        feats.push(t.features(Features::from_array(x.into_dyn())));
         ws.push(t.constant(head.weights[i].clone().into_dyn()));
         bsv.push(t.constant(head.biases[i].clone().into_dyn()));
     }
