@@ -120,14 +120,15 @@ impl Head {
     /// The rows of `decode` whose objectness exceeds `min_obj`, in the same
     /// order. NMS drops every other row first (`obj > conf_thres`), so
     /// validation computes the objectness channels everywhere and the other
-    /// channels only at the surviving rows. Features must be standard layout.
-    pub fn decode_above(&self, levels: &[(ArrayView2<f32>, usize, usize)], min_obj: f64) -> Array2<f32> {
+    /// channels only at the surviving rows. Features per level `([C*H*W] as
+    /// cached, f32 or f16, H, W)`.
+    pub fn decode_above<T: crate::kernels::Elem>(&self, levels: &[(&[T], usize, usize)], min_obj: f64) -> Array2<f32> {
         let (na, no) = (self.na(), self.no());
         let mut rows: Vec<f32> = Vec::new();
         for (li, (feat, ny, nx)) in levels.iter().enumerate() {
             let sp = ny * nx;
-            let x = feat.as_slice().expect("decode_above: features must be standard layout");
-            let cin = feat.nrows();
+            let x: &[T] = feat;
+            let cin = x.len() / sp;
             let w = &self.weights[li];
             let wobj: Vec<&[f32]> = (0..na).map(|a| w.row(a * no + 4).to_slice().unwrap()).collect();
             let bobj: Vec<f32> = (0..na).map(|a| self.biases[li][a * no + 4]).collect();
@@ -143,7 +144,7 @@ impl Head {
                         continue;
                     }
                     for (c, v) in col.iter_mut().enumerate() {
-                        *v = x[c * sp + p];
+                        *v = x[c * sp + p].to_f32();
                     }
                     let mut o: Vec<f32> = (0..no).map(|k| sigmoid(self.biases[li][a * no + k] + crate::kernels::dot(w.row(a * no + k).to_slice().unwrap(), &col))).collect();
                     let (gx, gy) = ((p % nx) as f32, (p / nx) as f32);
@@ -245,7 +246,8 @@ mod tests {
         let min_obj = 0.5;
         let kept: Vec<usize> = (0..full.nrows()).filter(|&r| full[[r, 4]] as f64 > min_obj).collect();
         assert!(!kept.is_empty() && kept.len() < full.nrows());
-        let some = head.decode_above(&levels, min_obj);
+        let raw = [(f0.as_slice().unwrap(), 4, 5), (f1.as_slice().unwrap(), 2, 3)];
+        let some = head.decode_above(&raw, min_obj);
         assert_eq!(some.nrows(), kept.len());
         for (i, &r) in kept.iter().enumerate() {
             for k in 0..no {

@@ -1,25 +1,27 @@
-//! val.py's losses for one batch: cached features `[C, H, W]` per image and
-//! level, the head and the batch's letterboxed targets in; `(lbox, lobj,
-//! lcls)` out, as `compute_loss(train_out, targets)[1]` (hyp gains applied,
-//! not multiplied by the batch size).
+//! val.py's losses for one batch: the cached entries (features `[C, H, W]`
+//! per level, f16 or f32 as stored), the head and the batch's letterboxed
+//! targets in; `(lbox, lobj, lcls)` out, as `compute_loss(train_out,
+//! targets)[1]` (hyp gains applied, not multiplied by the batch size).
 //!
 //! The loss runs on a tape where everything is a constant (no gradients are
-//! needed), evaluating the convs only where the loss reads them; hyp is hyp.scratch-low scaled by
-//! train.py's `scale_hyp` for nc, nl and imgsz.
+//! needed), evaluating the convs only where the loss reads them; hyp is
+//! hyp.scratch-low scaled by train.py's `scale_hyp` for nc, nl and imgsz.
 
-use anyhow::Result;
-use ndarray::{Array2, Array3, Array4, ArrayView2, Axis};
+use anyhow::{Result, bail};
+use ndarray::{Array2, ArrayView2};
 
-use crate::autograd::{Features, Tape};
+use crate::autograd::{FeatData, Features, Tape};
+use crate::cache::Entry;
+use crate::cache::entry::LevelData;
 use crate::head::Head;
 use crate::loss::{Hyp, LossConfig, compute_loss_on_features, scale_hyp};
 
-/// `levels[b][i]` is image `b`'s level `i`; `targets[b]` is `[m, 5]`
+/// `entries[b]` holds image `b`'s levels; `targets[b]` is `[m, 5]`
 /// (cls, x, y, w, h normalised by imgsz).
-pub fn batch_loss(head: &Head, levels: &[Vec<Array3<f32>>], targets: &[ArrayView2<f32>]) -> Result<[f32; 3]> {
-    let bs = levels.len();
+pub fn batch_loss(head: &Head, entries: &[&Entry], targets: &[ArrayView2<f32>]) -> Result<[f32; 3]> {
+    let bs = entries.len();
     let nl = head.nl();
-    let grids: Vec<(usize, usize)> = levels[0].iter().map(|l| (l.dim().1, l.dim().2)).collect();
+    let grids: Vec<(usize, usize)> = entries[0].header.shapes.iter().map(|s| (s[1], s[2])).collect();
     let imgsz = (grids[0].0 as f32 * head.strides[0]) as usize;
     let anchors: Vec<Vec<[f32; 2]>> = head.anchors.iter().zip(&head.strides).map(|(a, &s)| a.iter().map(|[w, h]| [w / s, h / s]).collect()).collect();
     let cfg = LossConfig::new(scale_hyp(&Hyp::scratch_low(), head.nc, nl, imgsz), head.nc, anchors);
@@ -40,9 +42,12 @@ pub fn batch_loss(head: &Head, levels: &[Vec<Array3<f32>>], targets: &[ArrayView
     let mut t = Tape::new();
     let (mut feats, mut ws, mut bsv) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..nl {
-        let views: Vec<_> = levels.iter().map(|l| l[i].view().insert_axis(Axis(0))).collect();
-        let x: Array4<f32> = ndarray::concatenate(Axis(0), &views)?;
-        feats.push(t.features(Features::from_array(x.into_dyn())));
+        let [c, h, w] = entries[0].header.shapes[i];
+        let data = match entries[0].level_raw(i) {
+            LevelData::F16(_) => FeatData::F16(entries.iter().map(|e| match e.level_raw(i) { LevelData::F16(x) => Ok(x), LevelData::F32(_) => bail!("mixed cache dtypes in one batch") }).collect::<Result<Vec<_>>>()?.concat()),
+            LevelData::F32(_) => FeatData::F32(entries.iter().map(|e| match e.level_raw(i) { LevelData::F32(x) => Ok(x), LevelData::F16(_) => bail!("mixed cache dtypes in one batch") }).collect::<Result<Vec<_>>>()?.concat()),
+        };
+        feats.push(t.features(Features { data, bs, cin: c, sp: h * w }));
         ws.push(t.constant(head.weights[i].clone().into_dyn()));
         bsv.push(t.constant(head.biases[i].clone().into_dyn()));
     }

@@ -128,22 +128,20 @@ pub fn validate_items(head: &Head, items: &[ValItem], opts: &ValOptions) -> Resu
     let mut loss_sum = [0f64; 3];
     let mut batches = 0usize;
     for chunk in items.chunks(opts.batch_size.max(1)) {
-        let levels: Vec<Vec<ndarray::Array3<f32>>> = chunk.par_iter().map(|it| (0..it.entry.header.shapes.len()).map(|i| it.entry.level(i)).collect()).collect();
-        for (it, lv) in chunk.iter().zip(&levels) {
-            check_entry(head, &it.image, &it.entry, lv)?;
+        for it in chunk {
+            check_entry(head, &it.image, &it.entry)?;
         }
         let results: Vec<Result<ImageResult>> = chunk
             .par_iter()
-            .zip(&levels)
-            .map(|(it, lv)| {
-                let views: Vec<_> = lv.iter().map(|l| (l.view().into_shape_with_order((l.dim().0, l.dim().1 * l.dim().2)).unwrap(), l.dim().1, l.dim().2)).collect();
-                let pred = head.decode_above(&views, opts.conf_thres);
+            .map(|it| {
+                let pred = decode_entry(head, &it.entry, opts.conf_thres);
                 evaluate_image(pred.view(), &it.entry.header.letterbox, &it.image, head.nc, opts)
             })
             .collect();
         let results: Vec<ImageResult> = results.into_iter().collect::<Result<_>>()?;
         if opts.losses {
-            let l = loss::batch_loss(head, &levels, &results.iter().map(|r| r.targets.view()).collect::<Vec<_>>())?;
+            let entries: Vec<&Entry> = chunk.iter().map(|it| &it.entry).collect();
+            let l = loss::batch_loss(head, &entries, &results.iter().map(|r| r.targets.view()).collect::<Vec<_>>())?;
             for k in 0..3 {
                 loss_sum[k] += l[k] as f64;
             }
@@ -157,18 +155,32 @@ pub fn validate_items(head: &Head, items: &[ValItem], opts: &ValOptions) -> Resu
     Ok(acc.finish(head, losses, start))
 }
 
-fn check_entry(head: &Head, image: &Path, entry: &Entry, levels: &[ndarray::Array3<f32>]) -> Result<()> {
-    let got: Vec<usize> = levels.iter().map(|l| l.dim().0).collect();
+fn check_entry(head: &Head, image: &Path, entry: &Entry) -> Result<()> {
+    let shapes = &entry.header.shapes;
+    let got: Vec<usize> = shapes.iter().map(|s| s[0]).collect();
     if got != head.in_channels() {
         bail!("the cached features of {} have channels {got:?}, the head reads {:?}; the cache belongs to another model", image.display(), head.in_channels());
     }
-    for (l, &s) in levels.iter().zip(&head.strides) {
+    for (l, &s) in shapes.iter().zip(&head.strides) {
         let want = entry.header.letterbox.imgsz / s as usize;
-        if l.dim().1 != want || l.dim().2 != want {
-            bail!("the cached features of {} are {}x{} at stride {s}, expected {want}x{want}", image.display(), l.dim().1, l.dim().2);
+        if l[1] != want || l[2] != want {
+            bail!("the cached features of {} are {}x{} at stride {s}, expected {want}x{want}", image.display(), l[1], l[2]);
         }
     }
     Ok(())
+}
+
+/// `Head::decode_above` on an entry's levels as stored (f16 stays f16).
+fn decode_entry(head: &Head, e: &Entry, min_obj: f64) -> Array2<f32> {
+    use crate::cache::entry::LevelData;
+    let n = e.header.shapes.len();
+    let hw = |i: usize| (e.header.shapes[i][1], e.header.shapes[i][2]);
+    let raw: Vec<LevelData> = (0..n).map(|i| e.level_raw(i)).collect();
+    if let Some(lv) = raw.iter().enumerate().map(|(i, d)| if let LevelData::F16(x) = d { Some((*x, hw(i).0, hw(i).1)) } else { None }).collect::<Option<Vec<_>>>() {
+        return head.decode_above(&lv, min_obj);
+    }
+    let lv: Vec<_> = raw.iter().enumerate().map(|(i, d)| match d { LevelData::F32(x) => (*x, hw(i).0, hw(i).1), LevelData::F16(_) => unreachable!("mixed dtypes in one entry") }).collect();
+    head.decode_above(&lv, min_obj)
 }
 
 /// One image's contribution: detections and labels in original pixels, and
