@@ -10,14 +10,20 @@ set -euo pipefail
 onnx=$1; pt=$2; data=$3; epochs=${4:-30}
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mktemp -d)
-bin="$root/target/release/freezesplit"
+# BIN=target/debug/freezesplit measures the dev build (opt-level 2, see Cargo.toml);
+# ONLY=freezesplit or ONLY=yolov5 runs one side.
+bin=${BIN:-"$root/target/release/freezesplit"}
 [ -x "$bin" ] || (cd "$root" && cargo build --release --bin freezesplit)
+only=${ONLY:-both}
 
+if [ "$only" != yolov5 ]; then
 echo "== freezesplit: cache build (cold) =="
 /usr/bin/time -f "cache: wall %e s, peak RSS %M KB" "$bin" cache --weights "$onnx" --data "$data" --cache-dir "$out/cache" --engine auto
 echo "== freezesplit: $epochs epochs over the cache =="
 /usr/bin/time -f "train: wall %e s, peak RSS %M KB" "$bin" train --weights "$onnx" --data "$data" --epochs "$epochs" \
   --batch-size 16 --cache-dir "$out/cache" --project "$out/runs" --name fs
+fi
+[ "$only" = freezesplit ] && exit 0
 
 echo "== YOLOv5 train.py --freeze 24 =="
 py="$root/.venv-tools/bin/python"

@@ -19,10 +19,13 @@
 //   correct matrix recomputed with classes ignored. NMS stays class-aware (the caller's),
 //   so one box emitted for two classes by multi-label NMS yields one TP and one FP here.
 // - class accuracy: among predictions with conf > 0.25 (the confusion matrix's filter,
-//   strict like it), each ground-truth box takes the prediction with the highest IoU
-//   (ties: higher conf, then lower index), class ignored; it is "matched" if that IoU is
-//   >= 0.5 and "correct" if the prediction's class equals the label's. Not one-to-one: one
-//   prediction may be the best match of several labels.
+//   strict like it) that overlap a ground-truth box with IoU >= 0.5, class ignored, the
+//   box takes the most confident one (ties: higher IoU, then lower index); the box is
+//   "matched" if there is one and "correct" if its class equals the label's. Not
+//   one-to-one: one prediction may serve several labels. Most confident rather than
+//   highest IoU: multi-label NMS leaves several boxes per object (one per class and
+//   anchor), and picking by IoU would score whichever low-confidence class box happens
+//   to sit best, not the class the detector gives the object.
 
 use ndarray::{Array2, ArrayView2};
 
@@ -170,16 +173,25 @@ impl ValStats {
             p.slice(ndarray::s![.., ..4]),
         );
         for l in 0..labels.nrows() {
-            let mut best = 0;
-            for d in 1..p.nrows() {
-                let (v, bv) = (iou[[l, d]], iou[[l, best]]);
-                if v > bv || (v == bv && p[[d, 4]] > p[[best, 4]]) {
-                    best = d;
+            // the most confident box on the object: multi-label NMS leaves one
+            // box per class and anchor on it, and the top one is what a user
+            // sees (detect.py keeps one class per box)
+            let mut best: Option<usize> = None;
+            for d in 0..p.nrows() {
+                if iou[[l, d]] < CLASS_ACC_IOU {
+                    continue;
+                }
+                let better = match best {
+                    None => true,
+                    Some(b) => p[[d, 4]] > p[[b, 4]] || (p[[d, 4]] == p[[b, 4]] && iou[[l, d]] > iou[[l, b]]),
+                };
+                if better {
+                    best = Some(d);
                 }
             }
-            if iou[[l, best]] >= CLASS_ACC_IOU {
+            if let Some(b) = best {
                 self.acc_matched += 1;
-                if p[[best, 5]] as usize == labels[[l, 0]] as usize {
+                if p[[b, 5]] as usize == labels[[l, 0]] as usize {
                     self.acc_correct += 1;
                 }
             }
@@ -332,6 +344,28 @@ mod tests {
         );
         assert_eq!(r.confusion.matrix[[1, 0]], 1);
         assert_eq!(r.nt, vec![1, 0]);
+    }
+
+    #[test]
+    fn class_accuracy_takes_the_most_confident_overlapping_box() {
+        let mut s = ValStats::new(3);
+        let labels = array![[2.0f32, 0.0, 0.0, 10.0, 10.0], [1.0, 50.0, 50.0, 60.0, 60.0]];
+        let preds = array![
+            [0.0f32, 0.0, 10.0, 10.0, 0.3, 0.0], // exact box, wrong class, low conf
+            [1.0, 1.0, 10.0, 10.0, 0.9, 2.0],    // IoU 0.81, right class, top conf
+            [0.0, 0.0, 10.0, 10.0, 0.95, 1.0],   // exact box, wrong class, highest conf
+            [50.0, 50.0, 58.0, 58.0, 0.8, 1.0],  // IoU 0.64 with label 1
+            [40.0, 40.0, 60.0, 60.0, 0.99, 0.0]  // IoU 0.25: not a match, however confident
+        ];
+        // label 0 (class 2): the most confident overlapping box is row 2 (class 1): wrong;
+        // without row 2 it would be row 1 (class 2): right
+        s.update(preds.view(), labels.view());
+        let r = s.finish();
+        assert_eq!((r.class_accuracy.matched, r.class_accuracy.correct), (2, 1));
+        let mut s = ValStats::new(3);
+        s.update(preds.select(ndarray::Axis(0), &[0, 1, 3, 4]).view(), labels.view());
+        let r = s.finish();
+        assert_eq!((r.class_accuracy.matched, r.class_accuracy.correct), (2, 2));
     }
 
     #[test]
