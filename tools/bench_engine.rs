@@ -1,9 +1,9 @@
 //! The bare engine loop, for comparison with `freezesplit cache`: letterboxes
 //! the images first (untimed), then times only the frozen graph's runs.
 //!
-//!   cargo run --release --example bench_engine -- MODEL.onnx IMAGE_DIR [ort|tract] [N]
+//!   cargo run --release --example bench_engine -- MODEL.onnx IMAGE_DIR [ort|tract] [N] [BATCH]
 //!
-//! Prints images/s of the engine alone.
+//! Prints images/s of the engine alone (ORT workers spinning; SPIN=0 turns it off).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -25,22 +25,27 @@ fn main() -> anyhow::Result<()> {
     let mut images: Vec<PathBuf> = std::fs::read_dir(&args[2])?.flatten().map(|e| e.path()).collect();
     images.sort();
     images.truncate(n);
+    let batch: usize = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(1);
     let inputs: Vec<Array4<f32>> = images
-        .iter()
-        .map(|p| {
-            let lb = preprocess::letterbox(&preprocess::decode(p).unwrap(), imgsz);
-            let mut a = Array4::zeros((1, 3, imgsz, imgsz));
-            lb.write_chw(a.as_slice_mut().unwrap());
+        .chunks(batch)
+        .map(|chunk| {
+            let mut a = Array4::zeros((chunk.len(), 3, imgsz, imgsz));
+            for (p, dst) in chunk.iter().zip(a.as_slice_mut().unwrap().chunks_mut(3 * imgsz * imgsz)) {
+                preprocess::letterbox(&preprocess::decode(p).unwrap(), imgsz).write_chw(dst);
+            }
             a
         })
         .collect();
-    let mut engine = Engine::new(&model.frozen_bytes()?, imgsz, &EngineOptions { engine: engine_kind, ..Default::default() })?;
+    let n_images: usize = inputs.iter().map(|a| a.dim().0).sum();
+    // spinning on: the faster setting for a bare loop (off in `cache`, see EngineOptions)
+    let opts = EngineOptions { engine: engine_kind, device: freezesplit::engine::Device::Cpu, ort_spinning: std::env::var("SPIN").map_or(true, |v| v != "0"), ..Default::default() };
+    let mut engine = Engine::new(&model.frozen_bytes()?, imgsz, &opts)?;
     engine.run(inputs[0].view())?; // warm-up
     let start = Instant::now();
     for x in &inputs {
         engine.run(x.view())?;
     }
     let s = start.elapsed().as_secs_f64();
-    println!("{}: {} images in {:.2}s: {:.1} images/s ({:.1} ms/image)", engine.name(), inputs.len(), s, inputs.len() as f64 / s, 1000.0 * s / inputs.len() as f64);
+    println!("{} batch {batch}: {n_images} images in {:.2}s: {:.1} images/s ({:.1} ms/image)", engine.name(), s, n_images as f64 / s, 1000.0 * s / n_images as f64);
     Ok(())
 }

@@ -60,7 +60,7 @@ pub struct EngineArgs {
 
 impl EngineArgs {
     pub fn options(&self) -> EngineOptions {
-        EngineOptions { engine: self.engine, device: self.device, ort_lib: self.ort_lib.clone(), threads: self.threads }
+        EngineOptions { engine: self.engine, device: self.device, ort_lib: self.ort_lib.clone(), threads: self.threads, ort_spinning: false }
     }
 }
 

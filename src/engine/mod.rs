@@ -59,11 +59,15 @@ pub struct EngineOptions {
     pub ort_lib: Option<PathBuf>,
     /// Worker threads; 0 means all cores.
     pub threads: usize,
+    /// Let ONNX Runtime's idle workers spin. Off by default: while the cache
+    /// fills, spinning burns the cores that decode and write the neighbouring
+    /// batches; a bare inference loop is a little faster with it.
+    pub ort_spinning: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { engine: EngineChoice::Auto, device: Device::Auto, ort_lib: None, threads: 0 }
+        EngineOptions { engine: EngineChoice::Auto, device: Device::Auto, ort_lib: None, threads: 0, ort_spinning: false }
     }
 }
 

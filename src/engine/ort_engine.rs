@@ -87,9 +87,7 @@ impl OrtEngine {
                 .map_err(|e| anyhow!("{e}"))?
                 .with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)
                 .map_err(|e| anyhow!("{e}"))?
-                // Spinning worker threads would burn the cores that decode and
-                // write the neighbouring batches while the cache fills.
-                .with_intra_op_spinning(std::env::var_os("FREEZESPLIT_ORT_SPIN").is_some())
+                .with_intra_op_spinning(opts.ort_spinning)
                 .map_err(|e| anyhow!("{e}"))?;
             if let Some(id) = with_cuda {
                 b = b
