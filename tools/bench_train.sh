@@ -13,8 +13,8 @@ out=$(mktemp -d)
 # BIN=target/debug/freezesplit measures the dev build (opt-level 2, see Cargo.toml);
 # ONLY=freezesplit or ONLY=yolov5 runs one side.
 bin=${BIN:-"$root/target/release/freezesplit"}
-[ -x "$bin" ] || (cd "$root" && cargo build --release --bin freezesplit)
 only=${ONLY:-both}
+[ "$only" = yolov5 ] || [ -x "$bin" ] || (cd "$root" && cargo build --release --bin freezesplit)
 
 if [ "$only" != yolov5 ]; then
 echo "== freezesplit: cache build (cold) =="
@@ -29,6 +29,6 @@ echo "== YOLOv5 train.py --freeze 24 =="
 py="$root/.venv-tools/bin/python"
 hyps=$("$py" -c 'import yolov5, os; print(os.path.join(os.path.dirname(yolov5.__file__), "data/hyps"))')
 TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 ULTRALYTICS_SKIP_REQUIREMENTS_CHECKS=1 /usr/bin/time -f "yolov5: wall %e s, peak RSS %M KB" \
-  "$py" -m yolov5.train --weights "$pt" --data "$data" --freeze 24 --hyp "$hyps/hyp.no-augmentation.yaml" \
+  "$py" "$root/tools/yolov5_train.py" --weights "$pt" --data "$data" --freeze 24 --hyp "$hyps/hyp.no-augmentation.yaml" \
   --cache ram --device cpu --epochs "$epochs" --batch-size 16 --img 640 --project "$out/runs" --name yolov5 --workers 2
 echo "runs in $out/runs (freezesplit: fs/results.csv, YOLOv5: yolov5/results.csv)"
