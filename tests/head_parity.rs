@@ -38,7 +38,7 @@ fn compare(model_path: &std::path::Path, opts: &EngineOptions, dtype: Dtype, ima
     let dir = tempfile::tempdir().unwrap();
     let (cache, frozen) = FeatureCache::open(dir.path(), &model, imgsz).unwrap();
     let mut frozen_engine = Engine::new(&frozen, imgsz, opts).unwrap();
-    let report = build::fill(&cache, &mut frozen_engine, images, &build::FillOptions { batch_size: 2, dtype, progress: false }).unwrap();
+    let report = build::fill(&cache, std::slice::from_mut(&mut frozen_engine), images, &build::FillOptions { batch_size: 2, dtype, progress: false }).unwrap();
     assert_eq!(report.computed, images.len());
 
     let full_bytes = onnx::encode_model(&model.proto);

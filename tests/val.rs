@@ -135,7 +135,7 @@ fn a_saved_head_validates_like_its_model() {
     let (cache, frozen) = FeatureCache::open(&cache_root, &model, imgsz).unwrap();
     let data = Dataset::load(&yaml).unwrap();
     let mut engine = Engine::new(&frozen, imgsz, &EngineOptions { engine: EngineChoice::Tract, ..Default::default() }).unwrap();
-    build::fill(&cache, &mut engine, &data.images("val").unwrap(), &build::FillOptions { batch_size: 4, dtype: Dtype::F16, progress: false }).unwrap();
+    build::fill(&cache, std::slice::from_mut(&mut engine), &data.images("val").unwrap(), &build::FillOptions { batch_size: 4, dtype: Dtype::F16, progress: false }).unwrap();
     let (m2, h2, src) = freezesplit::weights::resolve(&run).unwrap();
     assert_eq!(src.run(), Some(run.as_path()));
     let lib = val::validate(&m2, &h2, &data, "val", &ValOptions::default(), &cache).unwrap();

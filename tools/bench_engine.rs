@@ -38,14 +38,29 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let n_images: usize = inputs.iter().map(|a| a.dim().0).sum();
     // spinning on: the faster setting for a bare loop (off in `cache`, see EngineOptions)
-    let opts = EngineOptions { engine: engine_kind, device: freezesplit::engine::Device::Cpu, ort_spinning: std::env::var("SPIN").map_or(true, |v| v != "0"), ..Default::default() };
-    let mut engine = Engine::new(&model.frozen_bytes()?, imgsz, &opts)?;
-    engine.run(inputs[0].view())?; // warm-up
-    let start = Instant::now();
-    for x in &inputs {
-        engine.run(x.view())?;
+    // SESSIONS=k runs k sessions side by side, each with cores/k threads, on
+    // alternate batches.
+    let sessions: usize = std::env::var("SESSIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let opts = EngineOptions { engine: engine_kind, device: freezesplit::engine::Device::Cpu, ort_spinning: std::env::var("SPIN").map_or(true, |v| v != "0"), threads: (cores / sessions).max(1), ..Default::default() };
+    let frozen = model.frozen_bytes()?;
+    let mut engines: Vec<Engine> = (0..sessions).map(|_| Engine::new(&frozen, imgsz, &opts)).collect::<anyhow::Result<_>>()?;
+    for e in engines.iter_mut() {
+        e.run(inputs[0].view())?; // warm-up
     }
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for (k, e) in engines.iter_mut().enumerate() {
+            let inputs = &inputs;
+            scope.spawn(move || {
+                for x in inputs.iter().skip(k).step_by(sessions) {
+                    e.run(x.view()).unwrap();
+                }
+            });
+        }
+    });
     let s = start.elapsed().as_secs_f64();
-    println!("{} batch {batch}: {n_images} images in {:.2}s: {:.1} images/s ({:.1} ms/image)", engine.name(), s, n_images as f64 / s, 1000.0 * s / n_images as f64);
+    let engine = &engines[0];
+    println!("{} x{sessions} batch {batch}: {n_images} images in {:.2}s: {:.1} images/s ({:.1} ms/image)", engine.name(), s, n_images as f64 / s, 1000.0 * s / n_images as f64);
     Ok(())
 }

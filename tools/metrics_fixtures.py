@@ -223,8 +223,10 @@ def class_accuracy(predn, labelsn):
     conf, cls = p[:, 4].numpy(), p[:, 5].numpy()
     matched = correct = 0
     for l in range(len(labelsn)):
-        best = max(range(len(p)), key=lambda d: (iou[l, d], conf[d], -d))
-        if iou[l, best] >= np.float32(0.5):
+        # the most confident prediction overlapping the label (IoU >= 0.5)
+        cands = [d for d in range(len(p)) if iou[l, d] >= np.float32(0.5)]
+        if cands:
+            best = max(cands, key=lambda d: (conf[d], iou[l, d], -d))
             matched += 1
             correct += int(int(cls[best]) == int(labelsn[l, 0]))
     return matched, correct

@@ -2,9 +2,9 @@
 //! already cached / skipped images out.
 //!
 //! A producer thread reads, hashes, decodes and letterboxes images in parallel
-//! (rayon) while the calling thread runs the engine on the previous batch and a
-//! writer thread encodes and writes the batch before, so the engine never waits
-//! for the CPU work around it. Images that cannot
+//! (rayon) while engine threads run the previous batches and a writer thread
+//! encodes and writes the ones before, so the engines never wait for the CPU
+//! work around them. Images that cannot
 //! be decoded are skipped with a warning naming the file, and counted.
 
 use std::path::{Path, PathBuf};
@@ -67,20 +67,23 @@ fn prepare(cache: &FeatureCache, path: &Path, dtype: Dtype, imgsz: usize) -> Pre
     }
 }
 
-/// Computes every missing entry for `images`.
-pub fn fill(cache: &FeatureCache, engine: &mut Engine, images: &[PathBuf], opts: &FillOptions) -> Result<FillReport> {
+/// Computes every missing entry for `images`, running the engines side by
+/// side on alternate batches (see `Engine::for_fill`).
+pub fn fill(cache: &FeatureCache, engines: &mut [Engine], images: &[PathBuf], opts: &FillOptions) -> Result<FillReport> {
+    assert!(!engines.is_empty(), "fill needs an engine");
     let start = Instant::now();
     let imgsz = cache.info.imgsz;
     let batch = opts.batch_size.max(1);
     let bar = if opts.progress { ProgressBar::with_draw_target(Some(images.len() as u64), ProgressDrawTarget::stderr()) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}").unwrap().progress_chars("=> "));
-    bar.set_message(format!("caching features ({})", engine.name()));
-    let mut report = FillReport { images: images.len(), ..Default::default() };
+    let sessions = if engines.len() > 1 { format!(", {} sessions", engines.len()) } else { String::new() };
+    bar.set_message(format!("caching features ({}{sessions})", engines[0].name()));
+    let report = std::sync::Mutex::new(FillReport { images: images.len(), ..Default::default() });
 
-    // Three stages so the engine never waits on the CPU work around it:
+    // Three stages so the engines never wait on the CPU work around them:
     // producer (read, hash, decode, letterbox, build the input tensor) →
-    // engine (this thread) → writer (f16, checksum, atomic write).
-    std::thread::scope(|scope| -> Result<()> {
+    // engines (a thread each) → writer (f16, checksum, atomic write).
+    let bytes_per_image = std::thread::scope(|scope| -> Result<Option<usize>> {
         let (tx, rx) = bounded::<(Vec<(PathBuf, Prepared)>, Option<Array4<f32>>)>(2);
         scope.spawn(move || {
             for chunk in images.chunks(batch) {
@@ -93,59 +96,74 @@ pub fn fill(cache: &FeatureCache, engine: &mut Engine, images: &[PathBuf], opts:
                     input
                 });
                 if tx.send((prepared, input)).is_err() {
-                    break; // the consumer failed; stop early
+                    break; // the consumers failed; stop early
                 }
             }
         });
         let (wtx, wrx) = bounded::<(Vec<(String, preprocess::LetterboxMeta)>, Vec<ndarray::Array4<f32>>)>(2);
         let writer = scope.spawn(move || -> Result<Option<usize>> {
             let mut bytes_per_image = None;
+            // One image after another on this thread: the rayon pool belongs to
+            // the producer, and this work is small next to the engine's.
             for (ready, levels) in wrx {
-                let sizes: Vec<usize> = ready
-                    .par_iter()
-                    .enumerate()
-                    .map(|(b, (key, meta))| {
-                        let views: Vec<_> = levels.iter().map(|l| l.index_axis(Axis(0), b)).collect();
-                        let bytes = entry::encode(&views, *meta, opts.dtype);
-                        crate::fsutil::write_atomic(&cache.entry_path(key, opts.dtype), &bytes)?;
-                        Ok(bytes.len())
-                    })
-                    .collect::<Result<_>>()?;
-                bytes_per_image = sizes.first().copied().or(bytes_per_image);
+                for (b, (key, meta)) in ready.iter().enumerate() {
+                    let views: Vec<_> = levels.iter().map(|l| l.index_axis(Axis(0), b)).collect();
+                    let bytes = entry::encode(&views, *meta, opts.dtype);
+                    // entries carry a checksum: no need to wait for the disk
+                    crate::fsutil::write_atomic_unsynced(&cache.entry_path(key, opts.dtype), &bytes)?;
+                    bytes_per_image = Some(bytes.len());
+                }
             }
             Ok(bytes_per_image)
         });
-        let run = (|| -> Result<()> {
-            for (chunk, input) in rx {
-                let mut ready = Vec::new();
-                for (path, p) in chunk {
-                    match p {
-                        Prepared::Cached => report.cached += 1,
-                        Prepared::Skipped(reason) => {
-                            bar.suspend(|| eprintln!("warning: skipping {}: {reason}", path.display()));
-                            report.skipped_images.push(SkippedImage { path, reason });
+        let workers: Vec<_> = engines
+            .iter_mut()
+            .map(|engine| {
+                let (rx, wtx, bar, report) = (rx.clone(), wtx.clone(), &bar, &report);
+                scope.spawn(move || -> Result<()> {
+                    for (chunk, input) in rx {
+                        let mut ready = Vec::new();
+                        {
+                            let mut r = report.lock().unwrap();
+                            for (path, p) in chunk {
+                                match p {
+                                    Prepared::Cached => r.cached += 1,
+                                    Prepared::Skipped(reason) => {
+                                        bar.suspend(|| eprintln!("warning: skipping {}: {reason}", path.display()));
+                                        r.skipped_images.push(SkippedImage { path, reason });
+                                    }
+                                    Prepared::Ready(key, lb) => ready.push((key, lb.meta)),
+                                }
+                            }
+                            bar.set_position((r.cached + r.skipped_images.len() + r.computed) as u64);
                         }
-                        Prepared::Ready(key, lb) => ready.push((key, lb.meta)),
+                        let Some(input) = input else { continue };
+                        let outputs = engine.run(input.view())?;
+                        let levels: Vec<_> = outputs.into_iter().map(|o| o.into_dimensionality::<Ix4>()).collect::<Result<_, _>>()?;
+                        {
+                            let mut r = report.lock().unwrap();
+                            r.computed += ready.len();
+                            bar.set_position((r.cached + r.skipped_images.len() + r.computed) as u64);
+                        }
+                        if wtx.send((ready, levels)).is_err() {
+                            break; // the writer failed; its error is reported below
+                        }
                     }
-                }
-                bar.set_position((report.cached + report.skipped_images.len() + report.computed) as u64);
-                let Some(input) = input else { continue };
-                let outputs = engine.run(input.view())?;
-                let levels: Vec<_> = outputs.into_iter().map(|o| o.into_dimensionality::<Ix4>()).collect::<Result<_, _>>()?;
-                report.computed += ready.len();
-                if wtx.send((ready, levels)).is_err() {
-                    break; // the writer failed; its error is reported below
-                }
-                bar.set_position((report.cached + report.skipped_images.len() + report.computed) as u64);
-            }
-            Ok(())
-        })();
-        drop(wtx);
+                    Ok(())
+                })
+            })
+            .collect();
+        drop((rx, wtx));
+        let ran: Vec<Result<()>> = workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(anyhow::anyhow!("an engine thread panicked")))).collect();
         let written = writer.join().map_err(|_| anyhow::anyhow!("the cache writer thread panicked"))?;
-        run?;
-        report.bytes_per_image = written?;
-        Ok(())
+        for r in ran {
+            r?;
+        }
+        written
     })?;
+    let mut report = report.into_inner().unwrap();
+    report.bytes_per_image = bytes_per_image;
+    report.skipped_images.sort_by(|a, b| a.path.cmp(&b.path));
     bar.finish_and_clear();
     report.skipped = report.skipped_images.len();
     report.seconds = start.elapsed().as_secs_f64();

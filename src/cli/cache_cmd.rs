@@ -66,11 +66,11 @@ pub fn run(a: CacheArgs) -> Result<()> {
     }
     let root = a.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let (cache, frozen) = FeatureCache::open(&root, &model, imgsz)?;
-    let mut engine = Engine::new(&frozen, imgsz, &a.engine.options())?;
+    let mut engines = Engine::for_fill(&frozen, imgsz, &a.engine.options())?;
     let opts = build::FillOptions { batch_size: a.batch_size, dtype: a.dtype, progress: !a.json };
     let mut reports = serde_json::Map::new();
     for (name, images) in &splits {
-        let r = build::fill(&cache, &mut engine, images, &opts)?;
+        let r = build::fill(&cache, &mut engines, images, &opts)?;
         if !a.json {
             let rate = if r.computed > 0 { format!(", {:.1} images/s", r.computed as f64 / r.seconds) } else { String::new() };
             println!(
@@ -84,9 +84,9 @@ pub fn run(a: CacheArgs) -> Result<()> {
         reports.insert(name.clone(), serde_json::to_value(&r)?);
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&json!({"cache": cache.dir, "engine": engine.name(), "imgsz": imgsz, "dtype": a.dtype, "splits": reports}))?);
+        println!("{}", serde_json::to_string_pretty(&json!({"cache": cache.dir, "engine": engines[0].name(), "imgsz": imgsz, "dtype": a.dtype, "splits": reports}))?);
     } else {
-        println!("cache: {} ({})", cache.dir.display(), engine.name());
+        println!("cache: {} ({})", cache.dir.display(), engines[0].name());
     }
     Ok(())
 }

@@ -91,9 +91,9 @@ pub fn run(a: ValArgs) -> Result<()> {
             let (mut items, mut skipped) = val::cached_items(&cache, &images, a.dtype);
             let mut engine = "none (all features were cached)".to_string();
             if !skipped.is_empty() {
-                let mut e = Engine::new(&frozen, imgsz, &a.engine.options())?;
+                let mut e = Engine::for_fill(&frozen, imgsz, &a.engine.options())?;
                 let fill = build::fill(&cache, &mut e, &images, &build::FillOptions { batch_size: 8, dtype: a.dtype, progress: !a.json })?;
-                engine = e.name();
+                engine = e[0].name();
                 (items, skipped) = val::cached_items(&cache, &images, a.dtype);
                 for s in &mut skipped {
                     if let Some(f) = fill.skipped_images.iter().find(|f| f.path == s.path) {

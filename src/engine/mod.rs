@@ -108,6 +108,25 @@ impl Engine {
         }
     }
 
+    /// The engines for filling the cache: on a CPU with several cores, two
+    /// sessions with half the threads each, run side by side on alternate
+    /// batches. One session's threads wait for each other at every op, and
+    /// on a small machine the decoding and writing around them keep
+    /// preempting one; two sessions keep the cores busy through those gaps.
+    pub fn for_fill(frozen: &[u8], imgsz: usize, opts: &EngineOptions) -> Result<Vec<Engine>> {
+        let threads = opts.threads();
+        let n = if matches!(opts.device, Device::Cuda(_)) || threads < 2 { 1 } else { 2 };
+        let half = EngineOptions { threads: (threads / n).max(1), ..opts.clone() };
+        let first = Engine::new(frozen, imgsz, if n > 1 { &half } else { opts })?;
+        if n == 1 || first.name().contains("cuda") {
+            return Ok(vec![first]);
+        }
+        // the second like the first (auto has decided by now)
+        let choice = if matches!(first, Engine::Ort(_)) { EngineChoice::Ort } else { EngineChoice::Tract };
+        let second = Engine::new(frozen, imgsz, &EngineOptions { engine: choice, device: Device::Cpu, ..half })?;
+        Ok(vec![first, second])
+    }
+
     pub fn name(&self) -> String {
         match self {
             Engine::Ort(e) => format!("ort ({})", e.device_label),

@@ -98,11 +98,11 @@ pub struct TrainReport {
 }
 
 /// Fills the cache for the images that need it and returns the split's samples.
-fn prepare_split(cache: &FeatureCache, engine: &mut Option<Engine>, frozen: &[u8], opts: &TrainOptions, images: &[PathBuf], nc: usize, split: &str) -> Result<SplitData> {
+fn prepare_split(cache: &FeatureCache, engine: &mut Option<Vec<Engine>>, frozen: &[u8], opts: &TrainOptions, images: &[PathBuf], nc: usize, split: &str) -> Result<SplitData> {
     let mut data = load_split(cache, images, nc, opts.dtype)?;
     if !data.missing.is_empty() {
         if engine.is_none() {
-            *engine = Some(Engine::new(frozen, opts.imgsz, &opts.engine)?);
+            *engine = Some(Engine::for_fill(frozen, opts.imgsz, &opts.engine)?);
         }
         let fill = build::FillOptions { batch_size: 8, dtype: opts.dtype, progress: opts.progress };
         let r = build::fill(cache, engine.as_mut().unwrap(), &data.missing, &fill)?;
