@@ -1,7 +1,7 @@
 //! The bare engine loop, for comparison with `freezesplit cache`: letterboxes
 //! the images first (untimed), then times only the frozen graph's runs.
 //!
-//!   cargo run --release --example bench_engine -- MODEL.onnx IMAGE_DIR [ort|tract] [N] [BATCH]
+//!   cargo run --release --features tools --example bench_engine -- MODEL.onnx IMAGE_DIR [ort|tract] [N] [BATCH]
 //!
 //! Prints images/s of the engine alone (ORT workers spinning; SPIN=0 turns it off).
 

@@ -3,7 +3,7 @@
 // nc = 5, two ways: `compute_loss_on_features` (what training runs: NCHW
 // features, convs only where the loss reads them) and the plain route
 // (`head_forward` on row-major features + `compute_loss`).
-// Run: cargo run --release --example bench_loss [full|f16]
+// Run: cargo run --release --features tools --example bench_loss [full|f16]
 // Feature copies into the tape are timed separately: in training the cached
 // batch is moved in, not copied. On glibc, repeated large allocations page-fault
 // unless freed memory is kept, e.g. GLIBC_TUNABLES=glibc.malloc.mmap_threshold=

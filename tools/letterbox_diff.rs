@@ -2,7 +2,7 @@
 //! set made by tools/letterbox_reference.py:
 //!
 //!   .venv-tools/bin/python tools/letterbox_reference.py --imgsz 640 --out /tmp/lb640 ../shared/data/coco128/images/train2017
-//!   cargo run --release --example letterbox_diff -- /tmp/lb640
+//!   cargo run --release --features tools --example letterbox_diff -- /tmp/lb640
 //!
 //! Prints the mean and max absolute pixel difference (0–255) per image and overall.
 

@@ -2,7 +2,7 @@
 //! strides, nc, names and input size read; the frozen graph valid ONNX; the
 //! layer table complete; bad files refused with one sentence.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

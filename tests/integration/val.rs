@@ -3,7 +3,7 @@
 //! directory / saved head validates like the model it came from; bad label
 //! lines are skipped and counted; a head without a source model is refused.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! resume after an abort, `--train cls` freezing box/objectness rows, a new
 //! class set, and clear errors for bad input.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -4,7 +4,7 @@
 //! class-agnostic mAP50 not lower than before (box and objectness rows are
 //! frozen), plus every artefact of the run.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -5,7 +5,7 @@
 //! and sizes; onnx's checker accepts every file. Boxes within 1e-3 px,
 //! confidences within 1e-5.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

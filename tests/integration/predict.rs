@@ -2,7 +2,7 @@
 //! exp2), an annotated copy per image, YOLO label lines that match
 //! predictions.json, and a clear error for a missing source.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

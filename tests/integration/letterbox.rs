@@ -4,7 +4,7 @@
 //! from the image files (adds the JPEG decoder difference). Goal: mean
 //! absolute difference ≤ 0.5 on the 0–255 scale.
 
-mod common;
+use crate::common;
 
 use freezesplit::preprocess;
 

@@ -5,7 +5,7 @@
 //! same engine. Boxes within 1e-3 pixels, confidences within 1e-5 (f32 cache);
 //! the f16 cache error is printed.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -2,7 +2,7 @@
 //! computed / cached / skipped, a rerun that computes nothing, bad images
 //! skipped and named, kill -9 in the middle, and two processes at once.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

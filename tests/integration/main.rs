@@ -1,0 +1,16 @@
+//! All integration tests in one binary: one link instead of eleven, which
+//! keeps CI's cold build short. One module per pipeline stage.
+
+mod common;
+
+mod cache;
+mod demo;
+mod export;
+mod graph;
+mod head_parity;
+mod letterbox;
+mod loss_parity;
+mod metrics_parity;
+mod predict;
+mod train;
+mod val;
