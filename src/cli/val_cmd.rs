@@ -92,7 +92,7 @@ pub fn run(a: ValArgs) -> Result<()> {
             let mut engine = "none (all features were cached)".to_string();
             if !skipped.is_empty() {
                 let mut e = Engine::for_fill(&frozen, imgsz, &a.engine.options())?;
-                let fill = build::fill(&cache, &mut e, &images, &build::FillOptions { batch_size: 8, dtype: a.dtype, progress: !a.json })?;
+                let fill = build::fill(&cache, &mut e, &images, &build::FillOptions { batch_size: 2, dtype: a.dtype, progress: !a.json })?;
                 engine = e[0].name();
                 (items, skipped) = val::cached_items(&cache, &images, a.dtype);
                 for s in &mut skipped {

@@ -104,7 +104,8 @@ fn prepare_split(cache: &FeatureCache, engine: &mut Option<Vec<Engine>>, frozen:
         if engine.is_none() {
             *engine = Some(Engine::for_fill(frozen, opts.imgsz, &opts.engine)?);
         }
-        let fill = build::FillOptions { batch_size: 8, dtype: opts.dtype, progress: opts.progress };
+        // two sessions side by side: small batches, low memory, same speed
+        let fill = build::FillOptions { batch_size: 2, dtype: opts.dtype, progress: opts.progress };
         let r = build::fill(cache, engine.as_mut().unwrap(), &data.missing, &fill)?;
         eprintln!("{split}: cached {} new images ({} skipped) in {:.1}s", r.computed, r.skipped, r.seconds);
         data = load_split(cache, images, nc, opts.dtype)?;
