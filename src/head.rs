@@ -102,13 +102,9 @@ impl Head {
                         let p = y * nx + x;
                         let mut o = out.row_mut(row);
                         for k in 0..no {
-                            o[k] = sigmoid(block[[k, p]]);
+                            o[k] = block[[k, p]];
                         }
-                        // (2σ - 0.5 + grid) * stride; (2σ)² * anchor
-                        o[0] = (o[0] * 2.0 - 0.5 + x as f32) * stride;
-                        o[1] = (o[1] * 2.0 - 0.5 + y as f32) * stride;
-                        o[2] = (o[2] * 2.0).powi(2) * aw;
-                        o[3] = (o[3] * 2.0).powi(2) * ah;
+                        decode_row(o.as_slice_mut().unwrap(), x, y, stride, [aw, ah]);
                         row += 1;
                     }
                 }
@@ -146,13 +142,9 @@ impl Head {
                     for (c, v) in col.iter_mut().enumerate() {
                         *v = x[c * sp + p].to_f32();
                     }
-                    let mut o: Vec<f32> = (0..no).map(|k| sigmoid(self.biases[li][a * no + k] + crate::kernels::dot(w.row(a * no + k).to_slice().unwrap(), &col))).collect();
-                    let (gx, gy) = ((p % nx) as f32, (p / nx) as f32);
-                    o[0] = (o[0] * 2.0 - 0.5 + gx) * stride;
-                    o[1] = (o[1] * 2.0 - 0.5 + gy) * stride;
-                    o[2] = (o[2] * 2.0).powi(2) * aw;
-                    o[3] = (o[3] * 2.0).powi(2) * ah;
-                    rows.extend(o);
+                    let start = rows.len();
+                    rows.extend((0..no).map(|k| self.biases[li][a * no + k] + crate::kernels::dot(w.row(a * no + k).to_slice().unwrap(), &col)));
+                    decode_row(&mut rows[start..], p % nx, p / nx, stride, [aw, ah]);
                 }
             }
         }
@@ -208,6 +200,19 @@ impl Head {
 }
 
 #[inline]
+/// YOLOv5's Detect decode of one output row in place: raw conv outputs in,
+/// `[x, y, w, h]` in input pixels and sigmoid scores out.
+fn decode_row(o: &mut [f32], gx: usize, gy: usize, stride: f32, [aw, ah]: [f32; 2]) {
+    for v in o.iter_mut() {
+        *v = sigmoid(*v);
+    }
+    // (2σ - 0.5 + grid) * stride; (2σ)² * anchor
+    o[0] = (o[0] * 2.0 - 0.5 + gx as f32) * stride;
+    o[1] = (o[1] * 2.0 - 0.5 + gy as f32) * stride;
+    o[2] = (o[2] * 2.0).powi(2) * aw;
+    o[3] = (o[3] * 2.0).powi(2) * ah;
+}
+
 pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }

@@ -147,7 +147,7 @@ fn bias_grad(db: &[f64]) -> ArrayD<f32> {
 pub fn channels_backward(t: &Tape, x: Feat, w: Var, b: Var, chans: &[usize], g: ArrayD<f32>, acc: &mut GradAcc) {
     let f = &t.features[x.0];
     let (cin, sp) = (f.cin, f.sp);
-    let g = g.as_standard_layout().into_owned();
+    let g = if g.is_standard_layout() { g } else { g.as_standard_layout().into_owned() };
     let gd = g.as_slice().unwrap();
     let k = chans.len();
     if acc.wants(b) {
@@ -194,7 +194,7 @@ pub fn channels_backward(t: &Tape, x: Feat, w: Var, b: Var, chans: &[usize], g: 
 #[allow(clippy::too_many_arguments)]
 pub fn at_backward(t: &Tape, x: Feat, w: Var, b: Var, picks: &[Pick], groups: usize, g: ArrayD<f32>, acc: &mut GradAcc) {
     let f = &t.features[x.0];
-    let g = g.as_standard_layout().into_owned();
+    let g = if g.is_standard_layout() { g } else { g.as_standard_layout().into_owned() };
     let g2: ArrayView2<f32> = g.view().into_dimensionality().unwrap();
     let kdim = g2.ncols();
     debug_assert_eq!(kdim * groups, weight2(t.value(w)).nrows());

@@ -140,15 +140,9 @@ impl Entry {
     /// Writes level `i` into a caller-owned buffer of `C*H*W` floats, so a
     /// training loop can reuse its buffers.
     pub fn level_into(&self, i: usize, out: &mut [f32]) {
-        let size = self.header.dtype.size();
-        let before: usize = self.header.shapes[..i].iter().map(|s| s.iter().product::<usize>()).sum();
-        let len: usize = self.header.shapes[i].iter().product();
-        assert_eq!(out.len(), len);
-        let bytes = &self.map[self.data_start + before * size..self.data_start + (before + len) * size];
-        match self.header.dtype {
-            // the payload starts 64-byte aligned in a page-aligned map
-            Dtype::F32 => out.copy_from_slice(bytemuck::cast_slice(bytes)),
-            Dtype::F16 => bytemuck::cast_slice::<u8, f16>(bytes).convert_to_f32_slice(out),
+        match self.level_raw(i) {
+            LevelData::F32(x) => out.copy_from_slice(x),
+            LevelData::F16(x) => x.convert_to_f32_slice(out),
         }
     }
 

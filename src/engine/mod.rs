@@ -118,7 +118,7 @@ impl Engine {
         let n = if matches!(opts.device, Device::Cuda(_)) || threads < 2 { 1 } else { 2 };
         let half = EngineOptions { threads: (threads / n).max(1), ..opts.clone() };
         let first = Engine::new(frozen, imgsz, if n > 1 { &half } else { opts })?;
-        if n == 1 || first.name().contains("cuda") {
+        if n == 1 || matches!(&first, Engine::Ort(e) if e.device_label != "cpu") {
             return Ok(vec![first]);
         }
         // the second like the first (auto has decided by now)

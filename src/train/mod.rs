@@ -143,20 +143,18 @@ fn head_with(template: &Head, values: &[ArrayD<f32>]) -> Head {
     h
 }
 
-/// Loss parts `[box, obj, cls]` (not × bs), parameter gradients if asked, and
-/// the batch's feature buffers back for the next `load_batch`.
-fn step(values: &[ArrayD<f32>], batch: batches::Batch, cfg: &LossConfig, grids: &[(usize, usize)], grads: bool) -> ([f32; 3], Option<Vec<ArrayD<f32>>>, Vec<Features>) {
+/// Loss parts `[box, obj, cls]` (not × bs), parameter gradients, and the
+/// batch's feature buffers back for the next `load_batch`.
+fn step(values: &[ArrayD<f32>], batch: batches::Batch, cfg: &LossConfig, grids: &[(usize, usize)]) -> ([f32; 3], Vec<ArrayD<f32>>, Vec<Features>) {
     let mut t = Tape::new();
-    let vars: Vec<_> = values.iter().map(|v| if grads { t.param(v.clone()) } else { t.constant(v.clone()) }).collect();
+    let vars: Vec<_> = values.iter().map(|v| t.param(v.clone())).collect();
     let feats: Vec<_> = batch.feats.into_iter().map(|f| t.features(f)).collect();
     let weights: Vec<_> = vars.iter().step_by(2).copied().collect();
     let biases: Vec<_> = vars.iter().skip(1).step_by(2).copied().collect();
     let parts = compute_loss_on_features(&mut t, cfg, &feats, &weights, &biases, grids, batch.bs, batch.targets.view());
     let losses = [t.scalar(parts.lbox), t.scalar(parts.lobj), t.scalar(parts.lcls)];
-    let g = grads.then(|| {
-        let mut g = t.backward(parts.total);
-        vars.iter().map(|&v| g.take(v).unwrap_or_else(|| ArrayD::zeros(t.value(v).raw_dim()))).collect()
-    });
+    let mut g = t.backward(parts.total);
+    let g = vars.iter().map(|&v| g.take(v).unwrap_or_else(|| ArrayD::zeros(t.value(v).raw_dim()))).collect();
     let bufs = feats.iter().map(|&f| t.take_features(f)).collect();
     (losses, g, bufs)
 }
@@ -298,9 +296,9 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
             let refs: Vec<&Sample> = chunk.iter().map(|&j| &train_set.samples[j]).collect();
             let batch = load_batch(&refs, &shapes, opts.dtype, std::mem::take(&mut bufs))?;
             let values: Vec<ArrayD<f32>> = params.iter().map(|p| p.value.clone()).collect();
-            let (l, g, back) = step(&values, batch, &cfg, &grids, true);
+            let (l, g, back) = step(&values, batch, &cfg, &grids);
             bufs = back;
-            for (a, g) in acc.iter_mut().zip(g.unwrap()) {
+            for (a, g) in acc.iter_mut().zip(g) {
                 // the loss is × bs, as train.py's
                 *a += &g;
             }

@@ -173,14 +173,17 @@ fn check_entry(head: &Head, image: &Path, entry: &Entry) -> Result<()> {
 /// `Head::decode_above` on an entry's levels as stored (f16 stays f16).
 fn decode_entry(head: &Head, e: &Entry, min_obj: f64) -> Array2<f32> {
     use crate::cache::entry::LevelData;
-    let n = e.header.shapes.len();
     let hw = |i: usize| (e.header.shapes[i][1], e.header.shapes[i][2]);
-    let raw: Vec<LevelData> = (0..n).map(|i| e.level_raw(i)).collect();
-    if let Some(lv) = raw.iter().enumerate().map(|(i, d)| if let LevelData::F16(x) = d { Some((*x, hw(i).0, hw(i).1)) } else { None }).collect::<Option<Vec<_>>>() {
-        return head.decode_above(&lv, min_obj);
+    let n = e.header.shapes.len();
+    // one dtype per entry (its header's)
+    let (mut halves, mut floats) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        match e.level_raw(i) {
+            LevelData::F16(x) => halves.push((x, hw(i).0, hw(i).1)),
+            LevelData::F32(x) => floats.push((x, hw(i).0, hw(i).1)),
+        }
     }
-    let lv: Vec<_> = raw.iter().enumerate().map(|(i, d)| match d { LevelData::F32(x) => (*x, hw(i).0, hw(i).1), LevelData::F16(_) => unreachable!("mixed dtypes in one entry") }).collect();
-    head.decode_above(&lv, min_obj)
+    if halves.is_empty() { head.decode_above(&floats, min_obj) } else { head.decode_above(&halves, min_obj) }
 }
 
 /// One image's contribution: detections and labels in original pixels, and
