@@ -15,6 +15,7 @@ pub mod export;
 pub mod fsutil;
 pub mod graph;
 pub mod head;
+pub mod features;
 pub mod kernels;
 pub mod loss;
 pub mod metrics;

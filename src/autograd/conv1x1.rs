@@ -14,56 +14,17 @@
 // features transposed and converted to f32 first. Backward follows the same
 // pattern, for w and b only: frozen features never get a gradient.
 
-use half::f16;
 use ndarray::{ArrayD, ArrayView2, Axis, IxDyn};
 use rayon::prelude::*;
 
 use super::matmul::weight2;
 use super::tape::{Feat, GradAcc, Op, Tape, Var};
+use crate::features::Features;
 use crate::kernels::{Elem, axpy, conv_rows, dot, dots};
+use crate::with_slice;
 
 /// `(image, position, group)` of one gathered output row.
 pub type Pick = (u32, u32, u32);
-
-/// One level's frozen features for a batch, `[bs, cin, S]` row-major, in the
-/// cache's dtype. Not a tape value: it never needs a gradient.
-pub struct Features {
-    pub data: FeatData,
-    pub bs: usize,
-    pub cin: usize,
-    pub sp: usize,
-}
-
-pub enum FeatData {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-}
-
-impl Features {
-    /// From an f32 array `[bs, cin, spatial...]`.
-    pub fn from_array(a: ArrayD<f32>) -> Features {
-        let sh = a.shape().to_vec();
-        assert!(sh.len() >= 3, "features must be [bs, cin, spatial...]");
-        let a = if a.is_standard_layout() { a } else { a.as_standard_layout().into_owned() };
-        let (data, offset) = a.into_raw_vec_and_offset();
-        assert_eq!(offset.unwrap_or(0), 0);
-        Features { data: FeatData::F32(data), bs: sh[0], cin: sh[1], sp: sh[2..].iter().product() }
-    }
-
-    pub fn shape(&self) -> [usize; 3] {
-        [self.bs, self.cin, self.sp]
-    }
-}
-
-/// Runs `$body` with `$x` bound to the features' slice, whatever the dtype.
-macro_rules! with_data {
-    ($f:expr, $x:ident => $body:expr) => {
-        match &$f.data {
-            FeatData::F32($x) => $body,
-            FeatData::F16($x) => $body,
-        }
-    };
-}
 
 impl Tape {
     /// Puts a batch's features on the tape (as input to the conv1x1 ops).
@@ -74,11 +35,6 @@ impl Tape {
 
     pub fn feature_data(&self, f: Feat) -> &Features {
         &self.features[f.0]
-    }
-
-    /// Moves features out again (to reuse the buffer for the next batch).
-    pub fn take_features(&mut self, f: Feat) -> Features {
-        std::mem::replace(&mut self.features[f.0], Features { data: FeatData::F32(Vec::new()), bs: 0, cin: 0, sp: 0 })
     }
 
     /// See the file header.
@@ -94,7 +50,7 @@ impl Tape {
         let wrefs: Vec<&[f32]> = wsel.iter().map(|w| w.as_slice()).collect();
         let bsel: Vec<f32> = chans.iter().map(|&c| bv[[c]]).collect();
         let mut out = vec![0.0f32; bs * k * sp];
-        with_data!(f, xd => out.par_chunks_mut(k * sp).zip(xd.par_chunks(cin * sp)).for_each(|(ob, xb)| conv_rows(&wrefs, &bsel, xb, sp, ob)));
+        out.par_chunks_mut(k * sp).enumerate().for_each(|(bi, ob)| with_slice!(f.image(bi), xb => conv_rows(&wrefs, &bsel, xb, sp, ob)));
         let v = ArrayD::from_shape_vec(IxDyn(&[bs * k * sp, 1]), out).unwrap();
         self.push_op(v, Op::Conv1x1Channels { x, w, b, chans: chans.to_vec() }, &[w, b])
     }
@@ -111,7 +67,7 @@ impl Tape {
         let mut col = vec![0.0f32; f.cin];
         for (o, &(bi, si, g)) in out.chunks_exact_mut(kdim).zip(picks) {
             assert!((bi as usize) < f.bs && (si as usize) < f.sp && (g as usize) < groups, "conv1x1_at: pick out of range");
-            with_data!(f, xd => gather_col(xd, f.cin, f.sp, bi as usize, si as usize, &mut col));
+            with_slice!(f.image(bi as usize), xd => gather_col(xd, f.sp, si as usize, &mut col));
             for (j, o) in o.iter_mut().enumerate() {
                 let r = g as usize * kdim + j;
                 *o = bv[[r]] + dot(wv.row(r).as_slice().unwrap(), &col);
@@ -122,10 +78,10 @@ impl Tape {
     }
 }
 
-fn gather_col<T: Elem>(xd: &[T], cin: usize, sp: usize, bi: usize, si: usize, col: &mut [f32]) {
-    let base = bi * cin * sp + si;
+/// Column `si` of one image's `[cin, sp]` features.
+fn gather_col<T: Elem>(xd: &[T], sp: usize, si: usize, col: &mut [f32]) {
     for (c, v) in col.iter_mut().enumerate() {
-        *v = xd[base + c * sp].to_f32();
+        *v = xd[si + c * sp].to_f32();
     }
 }
 
@@ -162,22 +118,22 @@ pub fn channels_backward(t: &Tape, x: Feat, w: Var, b: Var, chans: &[usize], g: 
     if acc.wants(w) {
         // per image [k, cin] partials in parallel, summed in image order so the
         // result does not depend on the thread count
-        let parts: Vec<Vec<f32>> = with_data!(f, xd => xd
-            .par_chunks(cin * sp)
-            .zip(gd.par_chunks(k * sp))
-            .map(|(xb, gb)| {
+        let parts: Vec<Vec<f32>> = gd
+            .par_chunks(k * sp)
+            .enumerate()
+            .map(|(bi, gb)| {
                 let grows: Vec<&[f32]> = gb.chunks_exact(sp).collect();
                 let mut p = vec![0.0f32; k * cin];
                 let mut d = vec![0.0f32; k];
-                for (c, xr) in xb.chunks_exact(sp).enumerate() {
+                with_slice!(f.image(bi), xb => for (c, xr) in xb.chunks_exact(sp).enumerate() {
                     dots(&grows, xr, &mut d);
                     for (j, v) in d.iter().enumerate() {
                         p[j * cin + c] = *v;
                     }
-                }
+                });
                 p
             })
-            .collect());
+            .collect();
         let (mut dw, _) = zeros_like_w(t, w);
         let mut dw2 = w_rows(&mut dw, cin);
         for p in parts {
@@ -212,7 +168,7 @@ pub fn at_backward(t: &Tape, x: Feat, w: Var, b: Var, picks: &[Pick], groups: us
         let mut dw2 = w_rows(&mut dw, f.cin);
         let mut col = vec![0.0f32; f.cin];
         for (gr, &(bi, si, gi)) in g2.axis_iter(Axis(0)).zip(picks) {
-            with_data!(f, xd => gather_col(xd, f.cin, f.sp, bi as usize, si as usize, &mut col));
+            with_slice!(f.image(bi as usize), xd => gather_col(xd, f.sp, si as usize, &mut col));
             for (j, &gv) in gr.iter().enumerate() {
                 if gv != 0.0 {
                     axpy(dw2.row_mut(gi as usize * kdim + j).as_slice_mut().unwrap(), gv, &col);
@@ -226,6 +182,8 @@ pub fn at_backward(t: &Tape, x: Feat, w: Var, b: Var, picks: &[Pick], groups: us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::features::FeatData;
+    use half::f16;
     use crate::autograd::fd::{check, rand_array};
 
     /// The plain conv: y[b, o, s] = bias[o] + Σ_c w[o, c] x[b, c, s].
@@ -269,7 +227,7 @@ mod tests {
         let x = rand_array(&[bs, cin, sp], 11, -2.0, 2.0).mapv(|v| f16::from_f32(v).to_f32());
         let w = rand_array(&[6, cin], 12, -1.0, 1.0);
         let b = rand_array(&[6], 13, -1.0, 1.0);
-        let halves: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        let halves: Vec<half::f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
         let mut t = Tape::new();
         let f32s = t.features(Features::from_array(x));
         let f16s = t.features(Features { data: FeatData::F16(halves), bs, cin, sp });

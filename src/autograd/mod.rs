@@ -6,6 +6,7 @@ pub mod binary;
 pub mod conv1x1;
 pub mod loss_ops;
 pub mod matmul;
+pub mod obj_bce;
 pub mod reduce;
 pub mod shape;
 pub mod tape;
@@ -15,6 +16,6 @@ pub mod unary;
 pub(crate) mod fd;
 
 pub use binary::BinaryOp;
-pub use conv1x1::{FeatData, Features};
+pub use crate::features::{FeatData, FeatSlice, Features, LendLevel};
 pub use tape::{Feat, GradAcc, Grads, Op, Tape, Var};
 pub use unary::UnaryOp;

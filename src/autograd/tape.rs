@@ -11,7 +11,7 @@
 
 use ndarray::ArrayD;
 
-use super::{binary, conv1x1, loss_ops, matmul, reduce, shape, unary};
+use super::{binary, conv1x1, loss_ops, matmul, obj_bce, reduce, shape, unary};
 
 /// Index of a value on the tape. Only meaningful for the tape that made it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,6 +56,15 @@ pub enum Op {
         targets: Var,
         pos_weight: f32,
     },
+    /// The fused objectness loss; `dw` `[k, cin]` and `db` `[k]` are
+    /// d(loss)/d(w rows `chans`, b[chans]), computed in the forward.
+    ObjBce {
+        w: Var,
+        b: Var,
+        chans: Vec<usize>,
+        dw: Vec<f32>,
+        db: Vec<f32>,
+    },
 }
 
 pub struct Node {
@@ -70,7 +79,7 @@ pub struct Node {
 pub struct Tape {
     pub nodes: Vec<Node>,
     /// Inputs of the conv1x1 ops, kept apart from the values: never differentiated.
-    pub features: Vec<conv1x1::Features>,
+    pub features: Vec<crate::features::Features>,
 }
 
 /// Gradients of the parameter leaves, indexed by `Var`.
@@ -197,6 +206,7 @@ impl Tape {
                     targets,
                     pos_weight,
                 } => loss_ops::bce_backward(self, *logits, *targets, *pos_weight, g, &mut acc),
+                Op::ObjBce { w, b, chans, dw, db } => obj_bce::backward(self, *w, *b, chans, dw, db, g, &mut acc),
             }
         }
         Grads { grads: out }

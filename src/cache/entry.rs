@@ -16,6 +16,7 @@ use memmap2::Mmap;
 use ndarray::{Array3, ArrayView3};
 use serde::{Deserialize, Serialize};
 
+use crate::features::{FeatSlice, LendLevel};
 use crate::preprocess::LetterboxMeta;
 
 const MAGIC: &[u8; 8] = b"FZFEAT01";
@@ -79,11 +80,6 @@ pub fn encode(levels: &[ArrayView3<f32>], letterbox: LetterboxMeta, dtype: Dtype
     buf
 }
 
-/// One level's stored values.
-pub enum LevelData<'a> {
-    F32(&'a [f32]),
-    F16(&'a [f16]),
-}
 
 /// A verified, memory-mapped entry.
 pub struct Entry {
@@ -104,10 +100,12 @@ impl Entry {
 
     /// Maps an entry that this process has already verified with `open`,
     /// skipping the checksum pass (training reads every entry every epoch).
+    /// The mapping is populated up front: the whole file is about to be read,
+    /// and one call beats a page fault per 64 KiB.
     pub fn open_verified_before(path: &Path) -> Result<Entry> {
         let file = std::fs::File::open(path).with_context(|| format!("cannot open cache entry {}", path.display()))?;
         // SAFETY: as in `open`.
-        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map cache entry {}", path.display()))?;
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.with_context(|| format!("cannot map cache entry {}", path.display()))?;
         Self::from_map(map, false).with_context(|| format!("cache entry {} is damaged", path.display()))
     }
 
@@ -141,26 +139,38 @@ impl Entry {
     /// training loop can reuse its buffers.
     pub fn level_into(&self, i: usize, out: &mut [f32]) {
         match self.level_raw(i) {
-            LevelData::F32(x) => out.copy_from_slice(x),
-            LevelData::F16(x) => x.convert_to_f32_slice(out),
+            FeatSlice::F32(x) => out.copy_from_slice(x),
+            FeatSlice::F16(x) => x.convert_to_f32_slice(out),
         }
     }
 
     /// Level `i` as stored (f16 or f32), without converting: `[C*H*W]`.
-    pub fn level_raw(&self, i: usize) -> LevelData<'_> {
+    pub fn level_raw(&self, i: usize) -> FeatSlice<'_> {
         let size = self.header.dtype.size();
         let before: usize = self.header.shapes[..i].iter().map(|s| s.iter().product::<usize>()).sum();
         let len: usize = self.header.shapes[i].iter().product();
         let bytes = &self.map[self.data_start + before * size..self.data_start + (before + len) * size];
         // the payload starts 64-byte aligned in a page-aligned map
         match self.header.dtype {
-            Dtype::F32 => LevelData::F32(bytemuck::cast_slice(bytes)),
-            Dtype::F16 => LevelData::F16(bytemuck::cast_slice(bytes)),
+            Dtype::F32 => FeatSlice::F32(bytemuck::cast_slice(bytes)),
+            Dtype::F16 => FeatSlice::F16(bytemuck::cast_slice(bytes)),
         }
     }
 
     pub fn bytes(&self) -> usize {
         self.map.len()
+    }
+}
+
+/// Level `level` of a shared entry, lent to a training batch without a copy.
+pub struct EntryLevel {
+    pub entry: std::sync::Arc<Entry>,
+    pub level: usize,
+}
+
+impl LendLevel for EntryLevel {
+    fn level(&self) -> FeatSlice<'_> {
+        self.entry.level_raw(self.level)
     }
 }
 

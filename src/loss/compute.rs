@@ -90,13 +90,23 @@ fn bce_mean(t: &mut Tape, logits: Var, target: ndarray::ArrayD<f32>, pw: f32, ga
     t.mean(loss)
 }
 
-/// What the loss reads of one level's head output: `obj` the objectness logits
-/// `[bs*na*ny*nx, 1]` (rows (b, a, y, x)), and `ps` the full outputs `[n, no]`
-/// at build_targets' n positives, in its order (None when n = 0).
+/// What the loss reads of one level's head output: `obj` the objectness
+/// logits, and `ps` the full outputs `[n, no]` at build_targets' n positives,
+/// in its order (None when n = 0).
 #[derive(Clone, Copy, Debug)]
 pub struct LevelOutputs {
-    pub obj: Var,
+    pub obj: ObjLogits,
     pub ps: Option<Var>,
+}
+
+/// Where a level's objectness logits come from.
+#[derive(Clone, Copy, Debug)]
+pub enum ObjLogits {
+    /// Computed: `[bs*na*ny*nx, 1]`, rows (b, a, y, x).
+    Var(Var),
+    /// Still to compute from the features and the level's conv; without focal
+    /// loss the BCE is then fused with the conv (`autograd::obj_bce`).
+    Features { x: Feat, w: Var, b: Var },
 }
 
 /// ComputeLoss on the raw head output p[i] (`[bs*na*ny*nx, no]` per level).
@@ -118,7 +128,7 @@ pub fn compute_loss(
         .map(|((&pi, lt), &(ny, nx))| {
             assert_eq!(t.value(pi).shape(), &[bs * na * ny * nx, no], "p must be [bs*na*ny*nx, no]");
             let ps = (!lt.is_empty()).then(|| t.index_select(pi, &lt.rows(na, ny, nx)));
-            LevelOutputs { obj: t.slice_cols(pi, 4, 5), ps }
+            LevelOutputs { obj: ObjLogits::Var(t.slice_cols(pi, 4, 5)), ps }
         })
         .collect();
     loss_from_outputs(t, cfg, &tgts, &outs, grids, bs)
@@ -140,10 +150,9 @@ pub fn compute_loss_on_features(
     bs: usize,
     targets: ArrayView2<f32>,
 ) -> LossParts {
-    let (na, no) = (cfg.na(), cfg.no());
+    let na = cfg.na();
     assert!(feats.len() == grids.len() && weights.len() == grids.len() && biases.len() == grids.len());
     let tgts = build_targets(targets, &cfg.anchors, grids, cfg.hyp.anchor_t);
-    let obj_channels: Vec<usize> = (0..na).map(|a| a * no + 4).collect();
     let outs: Vec<LevelOutputs> = (0..grids.len())
         .map(|i| {
             let (ny, nx) = grids[i];
@@ -152,7 +161,7 @@ pub fn compute_loss_on_features(
             let lt = &tgts[i];
             let picks: Vec<Pick> = (0..lt.len()).map(|k| (lt.b[k] as u32, (lt.gj[k] * nx + lt.gi[k]) as u32, lt.a[k] as u32)).collect();
             let ps = (!lt.is_empty()).then(|| t.conv1x1_at(feats[i], weights[i], biases[i], &picks, na));
-            LevelOutputs { obj: t.conv1x1_channels(feats[i], weights[i], biases[i], &obj_channels), ps }
+            LevelOutputs { obj: ObjLogits::Features { x: feats[i], w: weights[i], b: biases[i] }, ps }
         })
         .collect();
     loss_from_outputs(t, cfg, &tgts, &outs, grids, bs)
@@ -186,9 +195,9 @@ fn loss_from_outputs(
     for i in 0..nl {
         let (ny, nx) = grids[i];
         let rows_total = bs * na * ny * nx;
-        assert_eq!(t.value(outs[i].obj).shape(), &[rows_total, 1], "obj[{i}] must be [bs*na*ny*nx, 1]");
         let lt = &tgts[i];
-        let mut tobj = Array2::<f32>::zeros((rows_total, 1));
+        // the non-zero objectness targets (row, value), in build_targets order
+        let mut tobj: Vec<(usize, f32)> = Vec::new();
 
         let n = lt.len();
         if let Some(ps) = outs[i].ps.filter(|_| n > 0) {
@@ -215,15 +224,10 @@ fn loss_from_outputs(
             let lb = t.mean(one_minus);
             acc(t, &mut lbox, lb);
 
-            // Objectness: detached, clamped IoU; sequential writes so the last
-            // duplicate in build_targets order wins (PyTorch CPU index_put).
+            // Objectness: detached, clamped IoU.
             for (k, &r) in rows.iter().enumerate() {
                 let v = t.value(iou)[[k, 0]].max(0.0);
-                tobj[[r, 0]] = if cfg.gr < 1.0 {
-                    (1.0 - cfg.gr) + cfg.gr * v
-                } else {
-                    v
-                };
+                tobj.push((r, if cfg.gr < 1.0 { (1.0 - cfg.gr) + cfg.gr * v } else { v }));
             }
 
             // Classification (only if multiple classes)
@@ -239,7 +243,24 @@ fn loss_from_outputs(
             }
         }
 
-        let obji = bce_mean(t, outs[i].obj, tobj.into_dyn(), h.obj_pw, h.fl_gamma);
+        let chans: Vec<usize> = (0..na).map(|a| a * no + 4).collect();
+        let obji = match outs[i].obj {
+            ObjLogits::Features { x, w, b } if h.fl_gamma <= 0.0 => t.obj_bce_on_features(x, w, b, &chans, &tobj, h.obj_pw),
+            src => {
+                let logits = match src {
+                    ObjLogits::Var(v) => v,
+                    ObjLogits::Features { x, w, b } => t.conv1x1_channels(x, w, b, &chans),
+                };
+                assert_eq!(t.value(logits).shape(), &[rows_total, 1], "obj[{i}] must be [bs*na*ny*nx, 1]");
+                // sequential writes: the last duplicate in build_targets order
+                // wins (PyTorch CPU index_put)
+                let mut dense = Array2::<f32>::zeros((rows_total, 1));
+                for &(r, v) in &tobj {
+                    dense[[r, 0]] = v;
+                }
+                bce_mean(t, logits, dense.into_dyn(), h.obj_pw, h.fl_gamma)
+            }
+        };
         let lo = t.mul_scalar(obji, cfg.balance[i]);
         acc(t, &mut lobj, lo);
     }

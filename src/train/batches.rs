@@ -6,14 +6,15 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
-use half::f16;
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
 use ndarray::Array2;
 use rayon::prelude::*;
 
-use crate::autograd::{FeatData, Features};
-use crate::cache::entry::LevelData;
+use crate::cache::entry::EntryLevel;
 use crate::cache::{Dtype, Entry, FeatureCache, image_key};
+use crate::features::{Features, LendLevel};
 use crate::data;
 
 #[derive(Debug, Clone)]
@@ -66,66 +67,39 @@ pub fn load_split(cache: &FeatureCache, images: &[PathBuf], nc: usize, dtype: Dt
     Ok(out)
 }
 
-/// One mini-batch: per level the features `[bs, C, H*W]` as cached (NCHW, the
-/// cache's dtype) and targets `[nt, 6]` = `(image in batch, class, x, y, w, h)`.
+/// One mini-batch: per level the features `[bs, C, H*W]` lent straight from
+/// the memory-mapped cache entries (NCHW, the cache's dtype, no copy) and
+/// targets `[nt, 6]` = `(image in batch, class, x, y, w, h)`.
 pub struct Batch {
     pub feats: Vec<Features>,
     pub targets: Array2<f32>,
     pub bs: usize,
 }
 
-/// Reads a mini-batch, reusing `bufs` (the previous batch's features) when
-/// they fit: a fresh allocation per batch costs more in page faults than the
-/// head's arithmetic on it. The values are copied as stored, f16 stays f16.
-pub fn load_batch(samples: &[&Sample], shapes: &[[usize; 3]], dtype: Dtype, mut bufs: Vec<Features>) -> Result<Batch> {
+/// Maps a mini-batch's entries (verified earlier by `load_split`).
+pub fn load_batch(samples: &[&Sample], shapes: &[[usize; 3]], dtype: Dtype) -> Result<Batch> {
     let bs = samples.len();
-    bufs.truncate(shapes.len());
-    let mut feats: Vec<Features> = Vec::with_capacity(shapes.len());
-    let mut old = bufs.into_iter();
-    for &[c, h, w] in shapes {
-        let n = bs * c * h * w;
-        let data = match (old.next().map(|f| f.data), dtype) {
-            (Some(FeatData::F16(mut v)), Dtype::F16) => {
-                v.resize(n, f16::ZERO);
-                FeatData::F16(v)
+    let entries: Vec<Arc<Entry>> = samples
+        .par_iter()
+        .map(|s| {
+            let e = Entry::open_verified_before(&s.entry)?;
+            if e.header.dtype != dtype || e.header.shapes != shapes {
+                bail!("cache entry {} holds {} features of shapes {:?}, expected {} {:?}", s.entry.display(), e.header.dtype.name(), e.header.shapes, dtype.name(), shapes);
             }
-            (Some(FeatData::F32(mut v)), Dtype::F32) => {
-                v.resize(n, 0.0);
-                FeatData::F32(v)
-            }
-            (_, Dtype::F16) => FeatData::F16(vec![f16::ZERO; n]),
-            (_, Dtype::F32) => FeatData::F32(vec![0.0; n]),
-        };
-        feats.push(Features { data, bs, cin: c, sp: h * w });
-    }
-    // Each image fills its own part of every level, in parallel.
-    let mut per_image: Vec<Vec<ImageSlot>> = (0..bs).map(|_| Vec::new()).collect();
-    for f in feats.iter_mut() {
-        let per = f.cin * f.sp;
-        match &mut f.data {
-            FeatData::F16(v) => v.chunks_mut(per).zip(per_image.iter_mut()).for_each(|(c, p)| p.push(ImageSlot::F16(c))),
-            FeatData::F32(v) => v.chunks_mut(per).zip(per_image.iter_mut()).for_each(|(c, p)| p.push(ImageSlot::F32(c))),
-        }
-    }
-    per_image.into_par_iter().zip(samples.par_iter()).try_for_each(|(outs, s)| -> Result<()> {
-        let e = Entry::open_verified_before(&s.entry)?;
-        for (l, out) in outs.into_iter().enumerate() {
-            match (e.level_raw(l), out) {
-                (LevelData::F16(src), ImageSlot::F16(dst)) => dst.copy_from_slice(src),
-                (LevelData::F32(src), ImageSlot::F32(dst)) => dst.copy_from_slice(src),
-                _ => anyhow::bail!("cache entry {} is not {}", s.entry.display(), dtype.name()),
-            }
-        }
-        Ok(())
-    })?;
+            Ok(Arc::new(e))
+        })
+        .collect::<Result<_>>()?;
+    let feats = shapes
+        .iter()
+        .enumerate()
+        .map(|(level, &[c, h, w])| {
+            let lenders: Vec<Arc<dyn LendLevel>> = entries.iter().map(|e| Arc::new(EntryLevel { entry: e.clone(), level }) as Arc<dyn LendLevel>).collect();
+            Features::lent(lenders, c, h * w)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let rows: Vec<[f32; 6]> = samples.iter().enumerate().flat_map(|(b, s)| s.targets.iter().map(move |t| [b as f32, t[0], t[1], t[2], t[3], t[4]])).collect();
     let targets = Array2::from_shape_vec((rows.len(), 6), rows.into_iter().flatten().collect())?;
     Ok(Batch { feats, targets, bs })
-}
-
-enum ImageSlot<'a> {
-    F16(&'a mut [f16]),
-    F32(&'a mut [f32]),
 }
 
 #[cfg(test)]

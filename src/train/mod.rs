@@ -25,7 +25,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::autograd::{Features, Tape};
+use crate::autograd::Tape;
 use crate::cache::{Dtype, FeatureCache, build};
 use crate::data::Dataset;
 use crate::engine::{Engine, EngineOptions};
@@ -143,9 +143,8 @@ fn head_with(template: &Head, values: &[ArrayD<f32>]) -> Head {
     h
 }
 
-/// Loss parts `[box, obj, cls]` (not × bs), parameter gradients, and the
-/// batch's feature buffers back for the next `load_batch`.
-fn step(values: &[ArrayD<f32>], batch: batches::Batch, cfg: &LossConfig, grids: &[(usize, usize)]) -> ([f32; 3], Vec<ArrayD<f32>>, Vec<Features>) {
+/// Loss parts `[box, obj, cls]` (not × bs) and parameter gradients.
+fn step(values: &[ArrayD<f32>], batch: batches::Batch, cfg: &LossConfig, grids: &[(usize, usize)]) -> ([f32; 3], Vec<ArrayD<f32>>) {
     let mut t = Tape::new();
     let vars: Vec<_> = values.iter().map(|v| t.param(v.clone())).collect();
     let feats: Vec<_> = batch.feats.into_iter().map(|f| t.features(f)).collect();
@@ -155,8 +154,7 @@ fn step(values: &[ArrayD<f32>], batch: batches::Batch, cfg: &LossConfig, grids: 
     let losses = [t.scalar(parts.lbox), t.scalar(parts.lobj), t.scalar(parts.lcls)];
     let mut g = t.backward(parts.total);
     let g = vars.iter().map(|&v| g.take(v).unwrap_or_else(|| ArrayD::zeros(t.value(v).raw_dim()))).collect();
-    let bufs = feats.iter().map(|&f| t.take_features(f)).collect();
-    (losses, g, bufs)
+    (losses, g)
 }
 
 fn tensors_of(prefix: &str, v: &[ArrayD<f32>], out: &mut BTreeMap<String, ArrayD<f32>>) {
@@ -195,7 +193,7 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
     let val_items: Vec<crate::val::ValItem> = val_set
         .samples
         .iter()
-        .map(|s| Ok(crate::val::ValItem { image: s.image.clone(), entry: crate::cache::Entry::open_verified_before(&s.entry)? }))
+        .map(|s| Ok(crate::val::ValItem { image: s.image.clone(), entry: std::sync::Arc::new(crate::cache::Entry::open_verified_before(&s.entry)?) }))
         .collect::<Result<_>>()?;
 
     // The starting head.
@@ -282,7 +280,6 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
         bar.set_prefix(format!("{:>5}", format!("{}/{}", epoch, opts.epochs - 1)));
         let mut mloss = [0f64; 3];
         let mut accumulate = accumulate0;
-        let mut bufs = Vec::new();
         for (i, chunk) in order.chunks(bs).enumerate() {
             let ni = (i + nb * epoch) as f64;
             if ni <= nw as f64 {
@@ -294,10 +291,9 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
                 }
             }
             let refs: Vec<&Sample> = chunk.iter().map(|&j| &train_set.samples[j]).collect();
-            let batch = load_batch(&refs, &shapes, opts.dtype, std::mem::take(&mut bufs))?;
+            let batch = load_batch(&refs, &shapes, opts.dtype)?;
             let values: Vec<ArrayD<f32>> = params.iter().map(|p| p.value.clone()).collect();
-            let (l, g, back) = step(&values, batch, &cfg, &grids);
-            bufs = back;
+            let (l, g) = step(&values, batch, &cfg, &grids);
             for (a, g) in acc.iter_mut().zip(g) {
                 // the loss is × bs, as train.py's
                 *a += &g;

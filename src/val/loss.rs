@@ -7,18 +7,20 @@
 //! needed), evaluating the convs only where the loss reads them; hyp is
 //! hyp.scratch-low scaled by train.py's `scale_hyp` for nc, nl and imgsz.
 
-use anyhow::{Result, bail};
+use std::sync::Arc;
+
+use anyhow::Result;
 use ndarray::{Array2, ArrayView2};
 
-use crate::autograd::{FeatData, Features, Tape};
+use crate::autograd::{Features, LendLevel, Tape};
 use crate::cache::Entry;
-use crate::cache::entry::LevelData;
+use crate::cache::entry::EntryLevel;
 use crate::head::Head;
 use crate::loss::{Hyp, LossConfig, compute_loss_on_features, scale_hyp};
 
 /// `entries[b]` holds image `b`'s levels; `targets[b]` is `[m, 5]`
 /// (cls, x, y, w, h normalised by imgsz).
-pub fn batch_loss(head: &Head, entries: &[&Entry], targets: &[ArrayView2<f32>]) -> Result<[f32; 3]> {
+pub fn batch_loss(head: &Head, entries: &[Arc<Entry>], targets: &[ArrayView2<f32>]) -> Result<[f32; 3]> {
     let bs = entries.len();
     let nl = head.nl();
     let grids: Vec<(usize, usize)> = entries[0].header.shapes.iter().map(|s| (s[1], s[2])).collect();
@@ -43,11 +45,8 @@ pub fn batch_loss(head: &Head, entries: &[&Entry], targets: &[ArrayView2<f32>]) 
     let (mut feats, mut ws, mut bsv) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..nl {
         let [c, h, w] = entries[0].header.shapes[i];
-        let data = match entries[0].level_raw(i) {
-            LevelData::F16(_) => FeatData::F16(entries.iter().map(|e| match e.level_raw(i) { LevelData::F16(x) => Ok(x), LevelData::F32(_) => bail!("mixed cache dtypes in one batch") }).collect::<Result<Vec<_>>>()?.concat()),
-            LevelData::F32(_) => FeatData::F32(entries.iter().map(|e| match e.level_raw(i) { LevelData::F32(x) => Ok(x), LevelData::F16(_) => bail!("mixed cache dtypes in one batch") }).collect::<Result<Vec<_>>>()?.concat()),
-        };
-        feats.push(t.features(Features { data, bs, cin: c, sp: h * w }));
+        let lenders: Vec<Arc<dyn LendLevel>> = entries.iter().map(|e| Arc::new(EntryLevel { entry: e.clone(), level: i }) as Arc<dyn LendLevel>).collect();
+        feats.push(t.features(Features::lent(lenders, c, h * w)?));
         ws.push(t.constant(head.weights[i].clone().into_dyn()));
         bsv.push(t.constant(head.biases[i].clone().into_dyn()));
     }

@@ -21,6 +21,7 @@ pub mod loss;
 pub mod report;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
@@ -81,7 +82,7 @@ pub struct ValReport {
 /// An image with its verified cache entry.
 pub struct ValItem {
     pub image: PathBuf,
-    pub entry: Entry,
+    pub entry: Arc<Entry>,
 }
 
 /// The entries of `images` in `cache`; images without one (unreadable, never
@@ -92,7 +93,7 @@ pub fn cached_items(cache: &FeatureCache, images: &[PathBuf], dtype: Dtype) -> (
         .map(|p| {
             let bytes = std::fs::read(p).map_err(|e| SkippedImage { path: p.clone(), reason: format!("cannot read it ({e})") })?;
             match cache.get(&image_key(&bytes), dtype) {
-                Some(entry) => Ok(ValItem { image: p.clone(), entry }),
+                Some(entry) => Ok(ValItem { image: p.clone(), entry: Arc::new(entry) }),
                 None => Err(SkippedImage { path: p.clone(), reason: format!("no {} features in the cache {}", dtype.name(), cache.dir.display()) }),
             }
         })
@@ -140,7 +141,7 @@ pub fn validate_items(head: &Head, items: &[ValItem], opts: &ValOptions) -> Resu
             .collect();
         let results: Vec<ImageResult> = results.into_iter().collect::<Result<_>>()?;
         if opts.losses {
-            let entries: Vec<&Entry> = chunk.iter().map(|it| &it.entry).collect();
+            let entries: Vec<Arc<Entry>> = chunk.iter().map(|it| it.entry.clone()).collect();
             let l = loss::batch_loss(head, &entries, &results.iter().map(|r| r.targets.view()).collect::<Vec<_>>())?;
             for k in 0..3 {
                 loss_sum[k] += l[k] as f64;
@@ -172,15 +173,15 @@ fn check_entry(head: &Head, image: &Path, entry: &Entry) -> Result<()> {
 
 /// `Head::decode_above` on an entry's levels as stored (f16 stays f16).
 fn decode_entry(head: &Head, e: &Entry, min_obj: f64) -> Array2<f32> {
-    use crate::cache::entry::LevelData;
+    use crate::features::FeatSlice;
     let hw = |i: usize| (e.header.shapes[i][1], e.header.shapes[i][2]);
     let n = e.header.shapes.len();
     // one dtype per entry (its header's)
     let (mut halves, mut floats) = (Vec::new(), Vec::new());
     for i in 0..n {
         match e.level_raw(i) {
-            LevelData::F16(x) => halves.push((x, hw(i).0, hw(i).1)),
-            LevelData::F32(x) => floats.push((x, hw(i).0, hw(i).1)),
+            FeatSlice::F16(x) => halves.push((x, hw(i).0, hw(i).1)),
+            FeatSlice::F32(x) => floats.push((x, hw(i).0, hw(i).1)),
         }
     }
     if halves.is_empty() { head.decode_above(&floats, min_obj) } else { head.decode_above(&halves, min_obj) }
