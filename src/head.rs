@@ -15,6 +15,10 @@ use ndarray::{Array1, Array2, ArrayView2, Axis, s};
 use serde::{Deserialize, Serialize};
 
 use crate::graph::Model;
+use crate::kernels::{Elem, conv_rows_window, dots};
+
+/// Positions per objectness tile in `decode_above`.
+const DECODE_TILE: usize = 256;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Head {
@@ -118,34 +122,53 @@ impl Head {
     /// validation computes the objectness channels everywhere and the other
     /// channels only at the surviving rows. Features per level `([C*H*W] as
     /// cached, f32 or f16, H, W)`.
-    pub fn decode_above<T: crate::kernels::Elem>(&self, levels: &[(&[T], usize, usize)], min_obj: f64) -> Array2<f32> {
+    pub fn decode_above<T: Elem>(&self, levels: &[(&[T], usize, usize)], min_obj: f64) -> Array2<f32> {
         let (na, no) = (self.na(), self.no());
+        // a logit below this cannot pass (the exact test on the sigmoid follows)
+        let z_lo = if min_obj > 0.0 && min_obj < 1.0 { (min_obj / (1.0 - min_obj)).ln() as f32 - 1e-3 } else { f32::NEG_INFINITY };
         let mut rows: Vec<f32> = Vec::new();
-        for (li, (feat, ny, nx)) in levels.iter().enumerate() {
+        for (li, (x, ny, nx)) in levels.iter().enumerate() {
             let sp = ny * nx;
-            let x: &[T] = feat;
             let cin = x.len() / sp;
             let w = &self.weights[li];
-            let wobj: Vec<&[f32]> = (0..na).map(|a| w.row(a * no + 4).to_slice().unwrap()).collect();
-            let bobj: Vec<f32> = (0..na).map(|a| self.biases[li][a * no + 4]).collect();
-            let mut obj = vec![0.0f32; na * sp];
-            crate::kernels::conv_rows(&wobj, &bobj, x, sp, &mut obj);
-            let stride = self.strides[li];
-            let mut col = vec![0.0f32; cin];
-            for a in 0..na {
-                let [aw, ah] = self.anchors[li][a];
-                for p in 0..sp {
-                    // f64 as the NMS compares it
-                    if (sigmoid(obj[a * sp + p]) as f64) <= min_obj {
-                        continue;
+            let bias = self.biases[li].as_slice().unwrap();
+            let wrow = |r: usize| w.row(r).to_slice().unwrap();
+            let wobj: Vec<&[f32]> = (0..na).map(|a| wrow(a * no + 4)).collect();
+            let bobj: Vec<f32> = (0..na).map(|a| bias[a * no + 4]).collect();
+            let wanchor: Vec<Vec<&[f32]>> = (0..na).map(|a| (0..no).map(|k| wrow(a * no + k)).collect()).collect();
+            // rows per anchor: decode's order is anchor, then position
+            let mut found: Vec<Vec<f32>> = vec![Vec::new(); na];
+            let mut obj = vec![0.0f32; na * DECODE_TILE];
+            let (mut raw, mut col) = (Vec::with_capacity(cin), vec![0.0f32; cin]);
+            for s0 in (0..sp).step_by(DECODE_TILE) {
+                let len = DECODE_TILE.min(sp - s0);
+                let obj = &mut obj[..na * len];
+                conv_rows_window(&wobj, &bobj, x, sp, s0..s0 + len, obj);
+                // the tile's features are still in cache for the gathers
+                for a in 0..na {
+                    for i in 0..len {
+                        let z = obj[a * len + i];
+                        // f64 as the NMS compares it
+                        if z <= z_lo || (sigmoid(z) as f64) <= min_obj {
+                            continue;
+                        }
+                        let p = s0 + i;
+                        raw.clear();
+                        raw.extend((0..cin).map(|c| x[c * sp + p]));
+                        T::to_f32_slice(&raw, &mut col);
+                        let out = &mut found[a];
+                        let start = out.len();
+                        out.resize(start + no, 0.0);
+                        dots(&wanchor[a], &col, &mut out[start..]);
+                        for (o, b) in out[start..].iter_mut().zip(&bias[a * no..(a + 1) * no]) {
+                            *o += b;
+                        }
+                        decode_row(&mut out[start..], p % nx, p / nx, self.strides[li], self.anchors[li][a]);
                     }
-                    for (c, v) in col.iter_mut().enumerate() {
-                        *v = x[c * sp + p].to_f32();
-                    }
-                    let start = rows.len();
-                    rows.extend((0..no).map(|k| self.biases[li][a * no + k] + crate::kernels::dot(w.row(a * no + k).to_slice().unwrap(), &col)));
-                    decode_row(&mut rows[start..], p % nx, p / nx, stride, [aw, ah]);
                 }
+            }
+            for f in found {
+                rows.extend(f);
             }
         }
         let n = rows.len() / no;

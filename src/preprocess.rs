@@ -37,23 +37,48 @@ impl LetterboxMeta {
     }
 }
 
-/// A letterboxed image, HWC RGB u8 of `imgsz x imgsz`.
+/// A letterboxed image: the resized image `inner` (HWC RGB u8) placed at
+/// `(left, top)` in an `imgsz x imgsz` square of value 114. The square itself
+/// is only drawn on request: the engine input is written straight from `inner`.
 pub struct Letterboxed {
-    pub pixels: RgbImage,
+    pub inner: RgbImage,
+    pub left: usize,
+    pub top: usize,
     pub meta: LetterboxMeta,
 }
 
+/// YOLOv5's letterbox padding value.
+const PAD: u8 = 114;
+
 impl Letterboxed {
-    /// Writes the image as CHW f32 in [0, 1] into `out` (`3 * imgsz²` values).
+    /// The full square as an image.
+    pub fn to_image(&self) -> RgbImage {
+        let s = self.meta.imgsz as u32;
+        let mut out = RgbImage::from_pixel(s, s, image::Rgb([PAD; 3]));
+        image::imageops::replace(&mut out, &self.inner, self.left as i64, self.top as i64);
+        out
+    }
+
+    /// Writes the square as CHW f32 in [0, 1] into `out` (`3 * imgsz²` values).
     pub fn write_chw(&self, out: &mut [f32]) {
-        let plane = (self.meta.imgsz * self.meta.imgsz) as usize;
+        let s = self.meta.imgsz;
+        let plane = s * s;
         assert_eq!(out.len(), 3 * plane);
-        let (r, rest) = out.split_at_mut(plane);
-        let (g, b) = rest.split_at_mut(plane);
-        for (i, p) in self.pixels.as_raw().chunks_exact(3).enumerate() {
-            r[i] = p[0] as f32 / 255.0;
-            g[i] = p[1] as f32 / 255.0;
-            b[i] = p[2] as f32 / 255.0;
+        let (w, h) = (self.inner.width() as usize, self.inner.height() as usize);
+        // torch divides by 255 (no reciprocal multiply: the roundings differ)
+        let pad = PAD as f32 / 255.0;
+        let raw = self.inner.as_raw();
+        for (c, dst) in out.chunks_exact_mut(plane).enumerate() {
+            dst[..self.top * s].fill(pad);
+            for y in 0..h {
+                let row = &mut dst[(self.top + y) * s..(self.top + y + 1) * s];
+                row[..self.left].fill(pad);
+                for (d, p) in row[self.left..self.left + w].iter_mut().zip(raw[y * w * 3..(y + 1) * w * 3].chunks_exact(3)) {
+                    *d = p[c] as f32 / 255.0;
+                }
+                row[self.left + w..].fill(pad);
+            }
+            dst[(self.top + h) * s..].fill(pad);
         }
     }
 }
@@ -101,13 +126,22 @@ fn is_truncated_jpeg(bytes: &[u8]) -> bool {
 
 /// `load_image` + `letterbox` as YOLOv5's validation dataloader does them.
 pub fn letterbox(img: &RgbImage, imgsz: usize) -> Letterboxed {
+    letterbox_cow(std::borrow::Cow::Borrowed(img), imgsz)
+}
+
+/// `letterbox`, keeping the image itself when it already has the right size.
+pub fn letterbox_owned(img: RgbImage, imgsz: usize) -> Letterboxed {
+    letterbox_cow(std::borrow::Cow::Owned(img), imgsz)
+}
+
+fn letterbox_cow(img: std::borrow::Cow<RgbImage>, imgsz: usize) -> Letterboxed {
     let (h0, w0) = (img.height() as usize, img.width() as usize);
     let r = imgsz as f64 / h0.max(w0) as f64;
     let resized = if r != 1.0 {
         let (w, h) = ((w0 as f64 * r).ceil() as usize, (h0 as f64 * r).ceil() as usize);
-        if r > 1.0 { resize_linear(img, w, h) } else { resize_area(img, w, h) }
+        if r > 1.0 { resize_linear(&img, w, h) } else { resize_area(&img, w, h) }
     } else {
-        img.clone()
+        img.into_owned()
     };
     // letterbox(img, (imgsz, imgsz), auto=False, scaleup=False)
     let (h, w) = (resized.height() as usize, resized.width() as usize);
@@ -118,12 +152,7 @@ pub fn letterbox(img: &RgbImage, imgsz: usize) -> Letterboxed {
     let inner = if (uw, uh) != (w, h) { resize_linear(&resized, uw, uh) } else { resized };
     let top = py_round(dh - 0.1) as usize;
     let left = py_round(dw - 0.1) as usize;
-    let mut out = RgbImage::from_pixel(imgsz as u32, imgsz as u32, image::Rgb([114, 114, 114]));
-    image::imageops::replace(&mut out, &inner, left as i64, top as i64);
-    Letterboxed {
-        pixels: out,
-        meta: LetterboxMeta { shape0: [h0, w0], resized: [uh, uw], pad: [dw as f32, dh as f32], imgsz },
-    }
+    Letterboxed { inner, left, top, meta: LetterboxMeta { shape0: [h0, w0], resized: [uh, uw], pad: [dw as f32, dh as f32], imgsz } }
 }
 
 /// Python's `round`: half to even.
@@ -256,16 +285,31 @@ mod tests {
     }
 
     #[test]
+    fn chw_is_the_padded_square_divided_by_255() {
+        // odd padding on both axes: 50x30 at 64 -> 64x39, 12/13 rows of pad
+        let img = RgbImage::from_fn(50, 30, |x, y| image::Rgb([(x * 5) as u8, (y * 7) as u8, ((x + y) * 3) as u8]));
+        let lb = letterbox(&img, 64);
+        let square = lb.to_image();
+        let mut out = vec![0.0; 3 * 64 * 64];
+        lb.write_chw(&mut out);
+        for (i, p) in square.pixels().enumerate() {
+            for c in 0..3 {
+                assert_eq!(out[c * 64 * 64 + i], p[c] as f32 / 255.0);
+            }
+        }
+    }
+
+    #[test]
     fn letterbox_geometry_matches_yolov5() {
         // 810x1080 (bus.jpg) at 640: long side 1080 -> 640, width ceil(810*0.5926)=480
         let img = RgbImage::from_pixel(810, 1080, image::Rgb([10, 20, 30]));
         let lb = letterbox(&img, 640);
         assert_eq!(lb.meta.resized, [640, 480]);
         assert_eq!(lb.meta.pad, [80.0, 0.0]);
-        assert_eq!(lb.pixels.get_pixel(0, 0).0, [114, 114, 114]);
-        assert_eq!(lb.pixels.get_pixel(80, 0).0, [10, 20, 30]);
-        assert_eq!(lb.pixels.get_pixel(559, 639).0, [10, 20, 30]);
-        assert_eq!(lb.pixels.get_pixel(560, 639).0, [114, 114, 114]);
+        assert_eq!(lb.to_image().get_pixel(0, 0).0, [114, 114, 114]);
+        assert_eq!(lb.to_image().get_pixel(80, 0).0, [10, 20, 30]);
+        assert_eq!(lb.to_image().get_pixel(559, 639).0, [10, 20, 30]);
+        assert_eq!(lb.to_image().get_pixel(560, 639).0, [114, 114, 114]);
     }
 
     #[test]
@@ -273,10 +317,10 @@ mod tests {
         // 100x33 at 100: dh = 67/2 = 33.5 -> top round(33.4)=33, bottom 34
         let img = RgbImage::from_pixel(100, 33, image::Rgb([0, 0, 0]));
         let lb = letterbox(&img, 100);
-        assert_eq!(lb.pixels.get_pixel(0, 32).0, [114, 114, 114]);
-        assert_eq!(lb.pixels.get_pixel(0, 33).0, [0, 0, 0]);
-        assert_eq!(lb.pixels.get_pixel(0, 65).0, [0, 0, 0]);
-        assert_eq!(lb.pixels.get_pixel(0, 66).0, [114, 114, 114]);
+        assert_eq!(lb.to_image().get_pixel(0, 32).0, [114, 114, 114]);
+        assert_eq!(lb.to_image().get_pixel(0, 33).0, [0, 0, 0]);
+        assert_eq!(lb.to_image().get_pixel(0, 65).0, [0, 0, 0]);
+        assert_eq!(lb.to_image().get_pixel(0, 66).0, [114, 114, 114]);
     }
 
     #[test]

@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
     let mut worst = (0.0f64, String::new());
     for r in &refs {
         let want = image::open(dir.join(&r.png))?.to_rgb8();
-        let got = preprocess::letterbox(&preprocess::decode(&dir.join(&r.source))?, r.imgsz).pixels;
+        let got = preprocess::letterbox(&preprocess::decode(&dir.join(&r.source))?, r.imgsz).to_image();
         let (mut s, mut m) = (0u64, 0u8);
         for (a, b) in got.as_raw().iter().zip(want.as_raw()) {
             let d = a.abs_diff(*b);

@@ -2,18 +2,18 @@
 //! already cached / skipped images out.
 //!
 //! A producer thread reads, hashes, decodes and letterboxes images in parallel
-//! (rayon) while engine threads run the previous batches and a writer thread
-//! encodes and writes the ones before, so the engines never wait for the CPU
-//! work around them. Images that cannot
+//! (rayon) while engine threads run and encode the previous batches and a
+//! writer thread writes the ones before, so the engines never wait for the
+//! CPU work around them. Images that cannot
 //! be decoded are skipped with a warning naming the file, and counted.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Result;
-use crossbeam_channel::bounded;
+use crossbeam_channel::{bounded, unbounded};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use ndarray::{Array4, Axis, Ix4};
+use ndarray::Array4;
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -62,7 +62,7 @@ fn prepare(cache: &FeatureCache, path: &Path, dtype: Dtype, imgsz: usize) -> Pre
         return Prepared::Cached;
     }
     match preprocess::decode_bytes(&bytes) {
-        Ok(img) => Prepared::Ready(key, preprocess::letterbox(&img, imgsz)),
+        Ok(img) => Prepared::Ready(key, preprocess::letterbox_owned(img, imgsz)),
         Err(e) => Prepared::Skipped(format!("{e:#}")),
     }
 }
@@ -82,35 +82,36 @@ pub fn fill(cache: &FeatureCache, engines: &mut [Engine], images: &[PathBuf], op
 
     // Three stages so the engines never wait on the CPU work around them:
     // producer (read, hash, decode, letterbox, build the input tensor) →
-    // engines (a thread each) → writer (f16, checksum, atomic write).
+    // engines (a thread each; they also encode each image's entry straight
+    // from the engine's output memory) → writer (atomic writes).
+    let plane = 3 * imgsz * imgsz;
     let bytes_per_image = std::thread::scope(|scope| -> Result<Option<usize>> {
         let (tx, rx) = bounded::<(Vec<(PathBuf, Prepared)>, Option<Array4<f32>>)>(2);
+        // input tensors go back to the producer for reuse: fresh ones cost
+        // page faults and zeroing for nothing
+        let (back_tx, back_rx) = unbounded::<Vec<f32>>();
         scope.spawn(move || {
             for chunk in images.chunks(batch) {
                 let prepared: Vec<_> = chunk.par_iter().map(|p| (p.clone(), prepare(cache, p, opts.dtype, imgsz))).collect();
                 let lbs: Vec<&Letterboxed> = prepared.iter().filter_map(|(_, p)| if let Prepared::Ready(_, lb) = p { Some(lb) } else { None }).collect();
                 let input = (!lbs.is_empty()).then(|| {
-                    let plane = 3 * imgsz * imgsz;
-                    let mut input = Array4::<f32>::zeros((lbs.len(), 3, imgsz, imgsz));
-                    input.as_slice_mut().unwrap().par_chunks_mut(plane).zip(&lbs).for_each(|(dst, lb)| lb.write_chw(dst));
-                    input
+                    let mut buf = back_rx.try_recv().unwrap_or_default();
+                    buf.resize(lbs.len() * plane, 0.0);
+                    buf.par_chunks_mut(plane).zip(&lbs).for_each(|(dst, lb)| lb.write_chw(dst));
+                    Array4::from_shape_vec((lbs.len(), 3, imgsz, imgsz), buf).expect("input buffer has the batch's size")
                 });
                 if tx.send((prepared, input)).is_err() {
                     break; // the consumers failed; stop early
                 }
             }
         });
-        let (wtx, wrx) = bounded::<(Vec<(String, preprocess::LetterboxMeta)>, Vec<ndarray::Array4<f32>>)>(2);
+        let (wtx, wrx) = bounded::<Vec<(String, Vec<u8>)>>(2);
         let writer = scope.spawn(move || -> Result<Option<usize>> {
             let mut bytes_per_image = None;
-            // One image after another on this thread: the rayon pool belongs to
-            // the producer, and this work is small next to the engine's.
-            for (ready, levels) in wrx {
-                for (b, (key, meta)) in ready.iter().enumerate() {
-                    let views: Vec<_> = levels.iter().map(|l| l.index_axis(Axis(0), b)).collect();
-                    let bytes = entry::encode(&views, *meta, opts.dtype);
+            for ready in wrx {
+                for (key, bytes) in ready {
                     // entries carry a checksum: no need to wait for the disk
-                    crate::fsutil::write_atomic_unsynced(&cache.entry_path(key, opts.dtype), &bytes)?;
+                    crate::fsutil::write_atomic_unsynced(&cache.entry_path(&key, opts.dtype), &bytes)?;
                     bytes_per_image = Some(bytes.len());
                 }
             }
@@ -119,7 +120,7 @@ pub fn fill(cache: &FeatureCache, engines: &mut [Engine], images: &[PathBuf], op
         let workers: Vec<_> = engines
             .iter_mut()
             .map(|engine| {
-                let (rx, wtx, bar, report) = (rx.clone(), wtx.clone(), &bar, &report);
+                let (rx, wtx, back_tx, bar, report) = (rx.clone(), wtx.clone(), back_tx.clone(), &bar, &report);
                 scope.spawn(move || -> Result<()> {
                     for (chunk, input) in rx {
                         let mut ready = Vec::new();
@@ -138,14 +139,15 @@ pub fn fill(cache: &FeatureCache, engines: &mut [Engine], images: &[PathBuf], op
                             bar.set_position((r.cached + r.skipped_images.len() + r.computed) as u64);
                         }
                         let Some(input) = input else { continue };
-                        let outputs = engine.run(input.view())?;
-                        let levels: Vec<_> = outputs.into_iter().map(|o| o.into_dimensionality::<Ix4>()).collect::<Result<_, _>>()?;
+                        let entries = engine.run_images(input.view(), |b, levels| entry::encode(levels, ready[b].1, opts.dtype))?;
+                        let _ = back_tx.send(input.into_raw_vec_and_offset().0);
                         {
                             let mut r = report.lock().unwrap();
                             r.computed += ready.len();
                             bar.set_position((r.cached + r.skipped_images.len() + r.computed) as u64);
                         }
-                        if wtx.send((ready, levels)).is_err() {
+                        let keyed = ready.into_iter().map(|(key, _)| key).zip(entries).collect();
+                        if wtx.send(keyed).is_err() {
                             break; // the writer failed; its error is reported below
                         }
                     }
@@ -153,7 +155,7 @@ pub fn fill(cache: &FeatureCache, engines: &mut [Engine], images: &[PathBuf], op
                 })
             })
             .collect();
-        drop((rx, wtx));
+        drop((rx, wtx, back_tx));
         let ran: Vec<Result<()>> = workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(anyhow::anyhow!("an engine thread panicked")))).collect();
         let written = writer.join().map_err(|_| anyhow::anyhow!("the cache writer thread panicked"))?;
         for r in ran {

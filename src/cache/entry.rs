@@ -69,9 +69,18 @@ pub fn encode(levels: &[ArrayView3<f32>], letterbox: LetterboxMeta, dtype: Dtype
         match dtype {
             Dtype::F32 => buf.extend_from_slice(bytemuck::cast_slice(s)),
             Dtype::F16 => {
-                let mut h = vec![f16::ZERO; s.len()];
-                h.convert_from_f32_slice(s);
-                buf.extend_from_slice(bytemuck::cast_slice(&h));
+                // converted in place at the end of the buffer when the
+                // allocator's alignment allows it (it always does on glibc)
+                let at = buf.len();
+                buf.resize(at + 2 * s.len(), 0);
+                match bytemuck::try_cast_slice_mut::<u8, f16>(&mut buf[at..]) {
+                    Ok(h) => h.convert_from_f32_slice(s),
+                    Err(_) => {
+                        let mut h = vec![f16::ZERO; s.len()];
+                        h.convert_from_f32_slice(s);
+                        buf[at..].copy_from_slice(bytemuck::cast_slice(&h));
+                    }
+                }
             }
         }
     }

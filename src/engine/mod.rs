@@ -9,7 +9,7 @@ pub mod tract_engine;
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use ndarray::{ArrayD, ArrayView4};
+use ndarray::{ArrayD, ArrayView3, ArrayView4, ArrayViewD, Axis, Ix4};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -140,6 +140,23 @@ impl Engine {
         match self {
             Engine::Ort(e) => e.run(batch),
             Engine::Tract(e) => e.run(batch),
+        }
+    }
+
+    /// Runs a batch and hands image `b`'s outputs (`[C, h, w]` per level) to
+    /// `f(b, levels)`, in order, without copying them out of the engine first.
+    pub fn run_images<R>(&mut self, batch: ArrayView4<f32>, mut f: impl FnMut(usize, &[ArrayView3<f32>]) -> R) -> Result<Vec<R>> {
+        let n = batch.dim().0;
+        let mut per_image = |outs: &[ArrayViewD<f32>]| -> Result<Vec<R>> {
+            let levels: Vec<ArrayView4<f32>> = outs.iter().map(|o| o.view().into_dimensionality::<Ix4>()).collect::<Result<_, _>>()?;
+            if levels.iter().any(|l| l.dim().0 != n) {
+                bail!("the engine returned outputs for another batch size than {n}");
+            }
+            Ok((0..n).map(|b| f(b, &levels.iter().map(|l| l.index_axis(Axis(0), b)).collect::<Vec<_>>())).collect())
+        };
+        match self {
+            Engine::Ort(e) => e.run_with(batch, |outs| per_image(outs))?,
+            Engine::Tract(e) => per_image(&e.run(batch)?.iter().map(|o| o.view()).collect::<Vec<_>>()),
         }
     }
 }

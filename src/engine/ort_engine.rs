@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anyhow::{Context, Result, anyhow, bail};
-use ndarray::{ArrayD, ArrayView4};
+use ndarray::{ArrayD, ArrayView4, ArrayViewD};
 use ort::session::Session;
 use ort::value::TensorRef;
 
@@ -112,13 +112,14 @@ impl OrtEngine {
     }
 
     pub fn run(&mut self, batch: ArrayView4<f32>) -> Result<Vec<ArrayD<f32>>> {
+        self.run_with(batch, |outs| outs.iter().map(|o| o.to_owned()).collect())
+    }
+
+    /// Runs a batch and lends the outputs to `f` where ONNX Runtime holds them.
+    pub fn run_with<R>(&mut self, batch: ArrayView4<f32>, f: impl FnOnce(&[ArrayViewD<f32>]) -> R) -> Result<R> {
         let batch = batch.as_standard_layout();
         let outputs = self.session.run(ort::inputs![TensorRef::from_array_view(batch.view())?])?;
-        self.outputs
-            .iter()
-            .map(|name| {
-                Ok(outputs[name.as_str()].try_extract_array::<f32>()?.to_owned())
-            })
-            .collect()
+        let views = self.outputs.iter().map(|name| Ok(outputs[name.as_str()].try_extract_array::<f32>()?)).collect::<Result<Vec<_>>>()?;
+        Ok(f(&views))
     }
 }

@@ -1,14 +1,19 @@
-// Dense f32 loops under the head's 1x1 convs (autograd::conv1x1 for training,
-// Head::decode_above for validation), with AVX2/FMA versions
-// chosen at run time.
+// Dense f32 loops under the head's 1x1 convs (autograd::conv1x1 and
+// autograd::obj_bce for training, Head::decode_above for validation), with
+// AVX2/FMA versions chosen at run time; `bce` holds the objectness loss's
+// elementwise loop.
 // In/out: plain slices. `conv_rows`: out[j][s] = b[j] + Σ_c w[j][c]·x[c][s] for
-// x [cin, S] row-major; `dots`: out[j] = Σ_s g[j][s]·x[s]; `dot`; `axpy`. The
-// features x may be f32 or f16 (the cache's dtype, read without converting the
-// whole batch first: half the memory traffic).
+// x [cin, S] row-major (`conv_rows_window`: over a range of positions);
+// `dots`: out[j] = Σ_s g[j][s]·x[s]; `dots_lanes`: the same over a window of
+// each input channel, kept as 8 partial sums; `dot`; `axpy`. The features x
+// may be f32 or f16 (the cache's dtype, read without converting the whole
+// batch first: half the memory traffic).
 // Why here: the portable build targets baseline x86-64 (SSE2) and LLVM does not
 // vectorise float reductions by itself (no reassociation); these loops are
 // nearly all of a training step. The scalar versions define the results; the
-// AVX2 versions differ only in summation order.
+// AVX2 versions differ only in summation order. They are specialised on the
+// number of output rows (YOLOv5 has 3 anchors, so 3 objectness rows): with a
+// run-time count the accumulators spilled to the stack.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -28,6 +33,8 @@ fn has_avx2() -> bool {
 /// A feature element: f32, or f16 as cached.
 pub trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
+    /// `dst[i] = src[i]` as f32 (vectorised for f16).
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]);
     /// AVX2 `conv_rows_window` for up to 4 output rows.
     #[cfg(target_arch = "x86_64")]
     unsafe fn conv_rows4(w: &[&[f32]], b: &[f32], x: &[Self], sp: usize, win: Range<usize>, out: &mut [f32]);
@@ -42,6 +49,9 @@ pub trait Elem: Copy + Send + Sync + 'static {
 impl Elem for f32 {
     fn to_f32(self) -> f32 {
         self
+    }
+    fn to_f32_slice(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
     }
     #[cfg(target_arch = "x86_64")]
     unsafe fn conv_rows4(w: &[&[f32]], b: &[f32], x: &[f32], sp: usize, win: Range<usize>, out: &mut [f32]) {
@@ -63,6 +73,10 @@ impl Elem for f32 {
 impl Elem for f16 {
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+    fn to_f32_slice(src: &[f16], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
     }
     #[cfg(target_arch = "x86_64")]
     unsafe fn conv_rows4(w: &[&[f32]], b: &[f32], x: &[f16], sp: usize, win: Range<usize>, out: &mut [f32]) {
@@ -276,6 +290,7 @@ unsafe fn $dots(g: &[&[f32]], x: &[$t], out: &mut [f32]) {
 }
 
 /// Up to 4 output rows of `conv_rows_window`.
+/// (`$convstep` reads `len`-wide windows of rows `sp` apart starting at px.)
 #[cfg(target_arch = "x86_64")]
 unsafe fn $conv(w: &[&[f32]], b: &[f32], x: &[$t], sp: usize, win: Range<usize>, out: &mut [f32]) {
     // SAFETY: forwarded from the caller.
@@ -301,11 +316,11 @@ unsafe fn $convk<const K: usize, const NV: usize>(w: &[&[f32]], b: &[f32], x: &[
     unsafe {
         let px = x.as_ptr().add(win.start);
         while s + 8 * NV <= len {
-            $convstep::<K, NV>(w, b, px, sp, cin, s, len, out.as_mut_ptr());
+            $convstep::<K, NV>(w, b, px, sp, cin, s, len, sp - win.start, out.as_mut_ptr());
             s += 8 * NV;
         }
         while s + 8 <= len {
-            $convstep::<K, 1>(w, b, px, sp, cin, s, len, out.as_mut_ptr());
+            $convstep::<K, 1>(w, b, px, sp, cin, s, len, sp - win.start, out.as_mut_ptr());
             s += 8;
         }
     }
@@ -320,7 +335,7 @@ unsafe fn $convk<const K: usize, const NV: usize>(w: &[&[f32]], b: &[f32], x: &[
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn $convstep<const K: usize, const NV: usize>(w: &[&[f32]], b: &[f32], px: *const $t, sp: usize, cin: usize, s: usize, len: usize, po: *mut f32) {
+unsafe fn $convstep<const K: usize, const NV: usize>(w: &[&[f32]], b: &[f32], px: *const $t, sp: usize, cin: usize, s: usize, len: usize, room: usize, po: *mut f32) {
     // SAFETY: the caller checked s + 8·NV <= len and the shapes.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); NV]; K];
@@ -330,8 +345,9 @@ unsafe fn $convstep<const K: usize, const NV: usize>(w: &[&[f32]], b: &[f32], px
         for c in 0..cin {
             let row = px.add(c * sp + s);
             // 64 rows are read in step, too many streams for the hardware
-            // prefetcher: ask for each row's next tiles explicitly
-            if s + 8 * NV * PREFETCH_TILES < len {
+            // prefetcher: ask for each row's next tiles explicitly, past the
+            // window's end too (`room`: positions left in the row from px)
+            if s + 8 * NV * PREFETCH_TILES < room {
                 _mm_prefetch::<_MM_HINT_T0>(row.add(8 * NV * PREFETCH_TILES) as *const i8);
             }
             let mut wv = [_mm256_setzero_ps(); K];

@@ -44,12 +44,12 @@ fn letterbox_matches_yolov5_reference() {
         let lb = preprocess::letterbox(&decoded, r.imgsz);
         assert_eq!(lb.meta.pad, r.pad, "{}", r.png);
         assert_eq!(lb.meta.resized[0].max(lb.meta.resized[1]), r.imgsz.min(r.resized[0].max(r.resized[1])), "{}", r.png);
-        let (mean, max) = diff(&lb.pixels, &want);
+        let (mean, max) = diff(&lb.to_image(), &want);
         eprintln!("{}: same pixels in: mean |Δ| {mean:.4}, max {max}", r.png);
         assert!(mean <= 0.01 && max <= 1, "{}: resize differs from OpenCV: mean {mean}, max {max}", r.png);
         // the whole pipeline from the file
         let lb = preprocess::letterbox(&preprocess::decode(&dir.join(&r.source)).unwrap(), r.imgsz);
-        let (mean, max) = diff(&lb.pixels, &want);
+        let (mean, max) = diff(&lb.to_image(), &want);
         eprintln!("{}: from the file: mean |Δ| {mean:.4}, max {max}", r.png);
         assert!(mean <= 0.5, "{}: mean {mean}", r.png);
     }
