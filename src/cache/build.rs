@@ -44,6 +44,9 @@ pub struct FillReport {
     pub seconds: f64,
     /// Size of one newly written entry, when any was written.
     pub bytes_per_image: Option<usize>,
+    /// Image keys of the entries this fill wrote.
+    #[serde(skip)]
+    pub written: Vec<String>,
 }
 
 enum Prepared {
@@ -85,7 +88,7 @@ pub fn fill(cache: &FeatureCache, engines: &mut [Engine], images: &[PathBuf], op
     // engines (a thread each; they also encode each image's entry straight
     // from the engine's output memory) → writer (atomic writes).
     let plane = 3 * imgsz * imgsz;
-    let bytes_per_image = std::thread::scope(|scope| -> Result<Option<usize>> {
+    let (bytes_per_image, written) = std::thread::scope(|scope| -> Result<(Option<usize>, Vec<String>)> {
         let (tx, rx) = bounded::<(Vec<(PathBuf, Prepared)>, Option<Array4<f32>>)>(2);
         // input tensors go back to the producer for reuse: fresh ones cost
         // page faults and zeroing for nothing
@@ -106,16 +109,17 @@ pub fn fill(cache: &FeatureCache, engines: &mut [Engine], images: &[PathBuf], op
             }
         });
         let (wtx, wrx) = bounded::<Vec<(String, Vec<u8>)>>(2);
-        let writer = scope.spawn(move || -> Result<Option<usize>> {
-            let mut bytes_per_image = None;
+        let writer = scope.spawn(move || -> Result<(Option<usize>, Vec<String>)> {
+            let (mut bytes_per_image, mut written) = (None, Vec::new());
             for ready in wrx {
                 for (key, bytes) in ready {
                     // entries carry a checksum: no need to wait for the disk
                     crate::fsutil::write_atomic_unsynced(&cache.entry_path(&key, opts.dtype), &bytes)?;
                     bytes_per_image = Some(bytes.len());
+                    written.push(key);
                 }
             }
-            Ok(bytes_per_image)
+            Ok((bytes_per_image, written))
         });
         let workers: Vec<_> = engines
             .iter_mut()
@@ -165,6 +169,7 @@ pub fn fill(cache: &FeatureCache, engines: &mut [Engine], images: &[PathBuf], op
     })?;
     let mut report = report.into_inner().unwrap();
     report.bytes_per_image = bytes_per_image;
+    report.written = written;
     report.skipped_images.sort_by(|a, b| a.path.cmp(&b.path));
     bar.finish_and_clear();
     report.skipped = report.skipped_images.len();

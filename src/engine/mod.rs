@@ -117,6 +117,25 @@ impl Engine {
         let threads = opts.threads();
         let n = if matches!(opts.device, Device::Cuda(_)) || threads < 2 { 1 } else { 2 };
         let half = EngineOptions { threads: (threads / n).max(1), ..opts.clone() };
+        if n > 1 && opts.device == Device::Cpu {
+            // nothing left to decide but the back end: build both at once
+            // (graph optimisation takes a while per session)
+            let engine = match opts.engine {
+                EngineChoice::Auto if ort_engine::find_library(opts.ort_lib.as_deref()).is_some() => EngineChoice::Ort,
+                EngineChoice::Auto => {
+                    eprintln!("note: ONNX Runtime library not found (--ort-lib, ORT_DYLIB_PATH or ./.venv); using the tract engine");
+                    EngineChoice::Tract
+                }
+                e => e,
+            };
+            let one = EngineOptions { engine, ..half };
+            let (a, b) = std::thread::scope(|s| {
+                let a = s.spawn(|| Engine::new(frozen, imgsz, &one));
+                let b = Engine::new(frozen, imgsz, &one);
+                (a.join().unwrap_or_else(|_| Err(anyhow::anyhow!("building an engine panicked"))), b)
+            });
+            return Ok(vec![a?, b?]);
+        }
         let first = Engine::new(frozen, imgsz, if n > 1 { &half } else { opts })?;
         if n == 1 || matches!(&first, Engine::Ort(e) if e.device_label != "cpu") {
             return Ok(vec![first]);

@@ -4,6 +4,7 @@
 //! them (`val::letterboxed_targets`), so the loss sees the same targets as
 //! train.py does without augmentation.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use anyhow::{Result, bail};
 use ndarray::Array2;
 use rayon::prelude::*;
 
-use crate::cache::entry::EntryLevel;
+use crate::cache::entry::{EntryHeader, EntryLevel};
 use crate::cache::{Dtype, Entry, FeatureCache, image_key};
 use crate::features::{Features, LendLevel};
 use crate::data;
@@ -37,12 +38,19 @@ pub struct SplitData {
 }
 
 /// Matches images to their verified cache entries and reads their labels.
-pub fn load_split(cache: &FeatureCache, images: &[PathBuf], nc: usize, dtype: Dtype) -> Result<SplitData> {
+/// Entries whose key is in `written_now` were written by this process a
+/// moment ago and are not checksummed again.
+pub fn load_split(cache: &FeatureCache, images: &[PathBuf], nc: usize, dtype: Dtype, written_now: &HashSet<String>) -> Result<SplitData> {
     let found: Vec<_> = images
         .par_iter()
-        .map(|img| -> Result<(PathBuf, Option<(PathBuf, Entry)>, data::Labels)> {
+        .map(|img| -> Result<(PathBuf, Option<(PathBuf, EntryHeader)>, data::Labels)> {
             let key = std::fs::read(img).map(|b| image_key(&b)).ok();
-            let entry = key.map(|k| cache.entry_path(&k, dtype)).and_then(|p| Entry::open(&p).ok().map(|e| (p, e)));
+            let entry = key.and_then(|k| {
+                let p = cache.entry_path(&k, dtype);
+                let e = if written_now.contains(&k) { Entry::open_written_now(&p) } else { Entry::open(&p) };
+                // only the header is kept: the mapping goes at once
+                e.ok().map(|e| (p, e.header))
+            });
             let labels = data::read_labels(&data::label_path(img), nc)?;
             Ok((img.clone(), entry, labels))
         })
@@ -53,11 +61,11 @@ pub fn load_split(cache: &FeatureCache, images: &[PathBuf], nc: usize, dtype: Dt
         out.bad_lines.extend(labels.skipped.iter().map(|(l, r)| (lp.clone(), *l, r.clone())));
         match entry {
             None => out.missing.push(img),
-            Some((path, e)) => {
+            Some((path, header)) => {
                 if out.shapes.is_empty() {
-                    out.shapes = e.header.shapes.clone();
+                    out.shapes = header.shapes.clone();
                 }
-                let lb = e.header.letterbox;
+                let lb = header.letterbox;
                 let t = crate::val::letterboxed_targets(&labels.boxes, &lb);
                 let targets = t.rows().into_iter().map(|r| [r[0], r[1], r[2], r[3], r[4]]).collect();
                 out.samples.push(Sample { targets, image: img, entry: path });

@@ -99,7 +99,7 @@ pub struct TrainReport {
 
 /// Fills the cache for the images that need it and returns the split's samples.
 fn prepare_split(cache: &FeatureCache, engine: &mut Option<Vec<Engine>>, frozen: &[u8], opts: &TrainOptions, images: &[PathBuf], nc: usize, split: &str) -> Result<SplitData> {
-    let mut data = load_split(cache, images, nc, opts.dtype)?;
+    let mut data = load_split(cache, images, nc, opts.dtype, &Default::default())?;
     if !data.missing.is_empty() {
         if engine.is_none() {
             *engine = Some(Engine::for_fill(frozen, opts.imgsz, &opts.engine)?);
@@ -108,7 +108,7 @@ fn prepare_split(cache: &FeatureCache, engine: &mut Option<Vec<Engine>>, frozen:
         let fill = build::FillOptions { batch_size: 2, dtype: opts.dtype, progress: opts.progress };
         let r = build::fill(cache, engine.as_mut().unwrap(), &data.missing, &fill)?;
         eprintln!("{split}: cached {} new images ({} skipped) in {:.1}s", r.computed, r.skipped, r.seconds);
-        data = load_split(cache, images, nc, opts.dtype)?;
+        data = load_split(cache, images, nc, opts.dtype, &r.written.into_iter().collect())?;
     }
     for (file, line, reason) in &data.bad_lines {
         eprintln!("warning: {}:{line}: {reason}; line skipped", file.display());
