@@ -62,10 +62,10 @@ impl Dataset {
                 None => bail!("{}: neither `names` nor `nc` is given", yaml.display()),
             },
         };
-        if let Some(nc) = raw.nc {
-            if nc != names.len() {
-                bail!("{}: nc is {nc} but `names` lists {} classes", yaml.display(), names.len());
-            }
+        if let Some(nc) = raw.nc
+            && nc != names.len()
+        {
+            bail!("{}: nc is {nc} but `names` lists {} classes", yaml.display(), names.len());
         }
         let mut splits = BTreeMap::new();
         for (key, value) in [("train", &raw.train), ("val", &raw.val), ("test", &raw.test)] {

@@ -26,6 +26,7 @@ fn save(buf: Vec<u8>, w: u32, h: u32, path: &Path) -> Result<()> {
     crate::fsutil::write_atomic(path, &bytes)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn text(img: &mut [u8], w: u32, h: u32, font: Option<&FontVec>, x: i32, y: i32, size: f32, s: &str) {
     let Some(font) = font else { return };
     let mut tmp = RgbImage::from_raw(w, h, img.to_vec()).unwrap();

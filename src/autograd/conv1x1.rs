@@ -61,7 +61,7 @@ impl Tape {
         let wv = weight2(self.value(w));
         let bv = self.value(b);
         assert_eq!(wv.ncols(), f.cin, "conv1x1_at: cin differs");
-        assert!(groups > 0 && wv.nrows() % groups == 0, "conv1x1_at: groups");
+        assert!(groups > 0 && wv.nrows().is_multiple_of(groups), "conv1x1_at: groups");
         let kdim = wv.nrows() / groups;
         let mut out = vec![0.0f32; picks.len() * kdim];
         let mut col = vec![0.0f32; f.cin];

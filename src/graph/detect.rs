@@ -244,10 +244,10 @@ fn read_stride(ix: &GraphIndex, cone: &[usize]) -> Option<f32> {
             continue;
         }
         for i in &node.input {
-            if let Some(v) = ix.constant(i).and_then(|c| c.scalar()) {
-                if v > 0.0 {
-                    return Some(v as f32);
-                }
+            if let Some(v) = ix.constant(i).and_then(|c| c.scalar())
+                && v > 0.0
+            {
+                return Some(v as f32);
             }
         }
     }

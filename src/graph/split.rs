@@ -26,10 +26,10 @@ pub fn frozen_graph(model: &pb::ModelProto, spec: &DetectSpec) -> Result<pb::Mod
         if !needed_tensors.insert(t) {
             continue;
         }
-        if let Some(n) = ix.producer_of(t) {
-            if keep_nodes.insert(n) {
-                stack.extend(ix.node(n).input.iter().filter(|s| !s.is_empty()).map(String::as_str));
-            }
+        if let Some(n) = ix.producer_of(t)
+            && keep_nodes.insert(n)
+        {
+            stack.extend(ix.node(n).input.iter().filter(|s| !s.is_empty()).map(String::as_str));
         }
     }
     if !needed_tensors.contains(spec.input_name.as_str()) {

@@ -31,6 +31,11 @@ fn has_avx2() -> bool {
 }
 
 /// A feature element: f32, or f16 as cached.
+///
+/// # Safety (of the `*4` methods)
+/// The CPU must have AVX2, FMA and F16C, and the slices the shapes their
+/// safe wrappers (`conv_rows_window`, `dots_lanes`, `dots`) check.
+#[allow(clippy::missing_safety_doc)]
 pub trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// `dst[i] = src[i]` as f32 (vectorised for f16).

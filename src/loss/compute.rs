@@ -139,7 +139,9 @@ pub fn compute_loss(
 /// `biases[i]`.
 /// Same value as `head_forward` + `compute_loss`, but the conv is evaluated
 /// only where the loss reads it: objectness everywhere, all channels at the
-/// positives (see `autograd::conv1x1`).
+/// positives (see `autograd::conv1x1`), and the objectness loss fused with
+/// its conv when there is no focal loss (`autograd::obj_bce`).
+#[allow(clippy::too_many_arguments)]
 pub fn compute_loss_on_features(
     t: &mut Tape,
     cfg: &LossConfig,

@@ -37,13 +37,16 @@ pub struct SplitData {
     pub shapes: Vec<[usize; 3]>,
 }
 
+/// An image, its entry (path and header) if cached, and its labels.
+type Found = (PathBuf, Option<(PathBuf, EntryHeader)>, data::Labels);
+
 /// Matches images to their verified cache entries and reads their labels.
 /// Entries whose key is in `written_now` were written by this process a
 /// moment ago and are not checksummed again.
 pub fn load_split(cache: &FeatureCache, images: &[PathBuf], nc: usize, dtype: Dtype, written_now: &HashSet<String>) -> Result<SplitData> {
     let found: Vec<_> = images
         .par_iter()
-        .map(|img| -> Result<(PathBuf, Option<(PathBuf, EntryHeader)>, data::Labels)> {
+        .map(|img| -> Result<Found> {
             let key = std::fs::read(img).map(|b| image_key(&b)).ok();
             let entry = key.and_then(|k| {
                 let p = cache.entry_path(&k, dtype);

@@ -188,7 +188,7 @@ mod tests {
     #[test]
     fn frozen_rows_are_untouched_by_optimizer_and_ema() {
         let hyp = TrainHyp::default();
-        let mut ps = vec![param(&[0.123456789, 0.987654321], 1)];
+        let mut ps = vec![param(&[0.123_456_79, 0.987_654_3], 1)];
         ps[0].row_lr = vec![0.0, 1.0];
         let before = ps[0].value.clone();
         let mut ema = Ema::new(&ps);

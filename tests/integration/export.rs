@@ -205,8 +205,8 @@ fn batch_of_two(h: usize, w: usize) -> Array4<f32> {
     assert!(w >= h);
     let imgs = images();
     let mut out = Array4::<f32>::zeros((2, 3, h, w));
-    for b in 0..2 {
-        let sq = letterboxed(&imgs[b], w);
+    for (b, img) in imgs.iter().take(2).enumerate() {
+        let sq = letterboxed(img, w);
         let top = (w - h) / 2;
         out.slice_mut(s![b, .., .., ..]).assign(&sq.slice(s![0, .., top..top + h, ..]));
     }
