@@ -37,18 +37,23 @@ impl Tape {
         &self.features[f.0]
     }
 
-    /// See the file header.
-    pub fn conv1x1_channels(&mut self, x: Feat, w: Var, b: Var, chans: &[usize]) -> Var {
-        let f = &self.features[x.0];
-        let (bs, cin, sp) = (f.bs, f.cin, f.sp);
+    /// The weight rows and biases of output channels `chans` of the conv
+    /// (w, b) on features `x`, checked against the features' cin.
+    pub(super) fn conv_rows_of(&self, op: &str, x: Feat, w: Var, b: Var, chans: &[usize]) -> (Vec<Vec<f32>>, Vec<f32>) {
         let wv = weight2(self.value(w));
         let bv = self.value(b);
-        assert_eq!(wv.ncols(), cin, "conv1x1_channels: cin differs");
-        assert!(chans.iter().all(|&c| c < wv.nrows()), "conv1x1_channels: channel out of range");
-        let k = chans.len();
-        let wsel: Vec<Vec<f32>> = chans.iter().map(|&c| wv.row(c).to_vec()).collect();
+        assert_eq!(wv.ncols(), self.features[x.0].cin, "{op}: cin differs");
+        assert!(chans.iter().all(|&c| c < wv.nrows()), "{op}: channel out of range");
+        (chans.iter().map(|&c| wv.row(c).to_vec()).collect(), chans.iter().map(|&c| bv[[c]]).collect())
+    }
+
+    /// See the file header.
+    pub fn conv1x1_channels(&mut self, x: Feat, w: Var, b: Var, chans: &[usize]) -> Var {
+        let (wsel, bsel) = self.conv_rows_of("conv1x1_channels", x, w, b, chans);
         let wrefs: Vec<&[f32]> = wsel.iter().map(|w| w.as_slice()).collect();
-        let bsel: Vec<f32> = chans.iter().map(|&c| bv[[c]]).collect();
+        let f = &self.features[x.0];
+        let (bs, sp) = (f.bs, f.sp);
+        let k = chans.len();
         let mut out = vec![0.0f32; bs * k * sp];
         out.par_chunks_mut(k * sp).enumerate().for_each(|(bi, ob)| with_slice!(f.image(bi), xb => conv_rows(&wrefs, &bsel, xb, sp, ob)));
         let v = ArrayD::from_shape_vec(IxDyn(&[bs * k * sp, 1]), out).unwrap();

@@ -35,18 +35,13 @@ type ImagePart = (f64, Vec<[f32; 8]>, Vec<f64>);
 impl Tape {
     /// See the file header.
     pub fn obj_bce_on_features(&mut self, x: Feat, w: Var, b: Var, chans: &[usize], targets: &[(usize, f32)], pos_weight: f32) -> Var {
+        let (wsel, bsel) = self.conv_rows_of("obj_bce_on_features", x, w, b, chans);
+        let wrefs: Vec<&[f32]> = wsel.iter().map(|w| w.as_slice()).collect();
         let f = &self.features[x.0];
         let (bs, cin, sp) = (f.bs, f.cin, f.sp);
-        let wv = weight2(self.value(w));
-        let bv = self.value(b);
-        assert_eq!(wv.ncols(), cin, "obj_bce_on_features: cin differs");
-        assert!(chans.iter().all(|&c| c < wv.nrows()), "obj_bce_on_features: channel out of range");
         let k = chans.len();
         let n = bs * k * sp;
         assert!(targets.iter().all(|&(r, _)| r < n), "obj_bce_on_features: target row out of range");
-        let wsel: Vec<Vec<f32>> = chans.iter().map(|&c| wv.row(c).to_vec()).collect();
-        let wrefs: Vec<&[f32]> = wsel.iter().map(|w| w.as_slice()).collect();
-        let bsel: Vec<f32> = chans.iter().map(|&c| bv[[c]]).collect();
         let tg = last_wins(targets);
         let grad = self.requires_grad(w) || self.requires_grad(b);
         let scale = 1.0 / n as f32;
