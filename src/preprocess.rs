@@ -65,8 +65,10 @@ impl Letterboxed {
         let plane = s * s;
         assert_eq!(out.len(), 3 * plane);
         let (w, h) = (self.inner.width() as usize, self.inner.height() as usize);
-        // torch divides by 255 (no reciprocal multiply: the roundings differ)
-        let pad = PAD as f32 / 255.0;
+        // torch divides by 255 (a reciprocal multiply rounds differently): a
+        // table of the 256 quotients gives the same values without a division
+        let unit: [f32; 256] = std::array::from_fn(|v| v as f32 / 255.0);
+        let pad = unit[PAD as usize];
         let raw = self.inner.as_raw();
         for (c, dst) in out.chunks_exact_mut(plane).enumerate() {
             dst[..self.top * s].fill(pad);
@@ -74,7 +76,7 @@ impl Letterboxed {
                 let row = &mut dst[(self.top + y) * s..(self.top + y + 1) * s];
                 row[..self.left].fill(pad);
                 for (d, p) in row[self.left..self.left + w].iter_mut().zip(raw[y * w * 3..(y + 1) * w * 3].chunks_exact(3)) {
-                    *d = p[c] as f32 / 255.0;
+                    *d = unit[p[c] as usize];
                 }
                 row[self.left + w..].fill(pad);
             }
