@@ -3,8 +3,9 @@
 #
 #   tools/bench_train.sh WEIGHTS.onnx WEIGHTS.pt DATA.yaml [EPOCHS]
 #
-# freezesplit: a cold cache build (fresh cache dir), then EPOCHS epochs over the cache;
-# prints wall time and peak RSS (GNU time). YOLOv5: train.py from the `yolov5` PyPI
+# freezesplit: the first epoch with a cold cache (one `train --epochs 1`), then a cold
+# cache build (fresh cache dir) and EPOCHS epochs over the cache; prints wall time and
+# peak RSS (GNU time). YOLOv5: train.py from the `yolov5` PyPI
 # package in .venv-tools (tools/setup_tools_venv.sh), no augmentation, RAM cache, CPU.
 set -euo pipefail
 onnx=$1; pt=$2; data=$3; epochs=${4:-30}
@@ -17,6 +18,10 @@ only=${ONLY:-both}
 [ "$only" = yolov5 ] || [ -x "$bin" ] || (cd "$root" && cargo build --release --bin freezesplit)
 
 if [ "$only" != yolov5 ]; then
+echo "== freezesplit: first epoch with a cold cache (cache build + 1 epoch, one command) =="
+/usr/bin/time -f "first epoch: wall %e s, peak RSS %M KB" "$bin" train --weights "$onnx" --data "$data" --epochs 1 \
+  --batch-size 16 --cache-dir "$out/cold" --project "$out/runs" --name first --engine auto
+rm -rf "$out/cold"
 echo "== freezesplit: cache build (cold) =="
 /usr/bin/time -f "cache: wall %e s, peak RSS %M KB" "$bin" cache --weights "$onnx" --data "$data" --cache-dir "$out/cache" --engine auto
 echo "== freezesplit: $epochs epochs over the cache =="
