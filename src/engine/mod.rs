@@ -77,6 +77,12 @@ impl EngineOptions {
     }
 }
 
+/// Says once per process that `auto` chose tract (a demo builds engines twice).
+fn tract_notice() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| eprintln!("note: ONNX Runtime library not found (--ort-lib, ORT_DYLIB_PATH or ./.venv); using the tract engine"));
+}
+
 /// A loaded frozen graph, ready to run.
 pub enum Engine {
     Ort(ort_engine::OrtEngine),
@@ -101,7 +107,7 @@ impl Engine {
                     if let Device::Cuda(_) = opts.device {
                         bail!("--device cuda needs ONNX Runtime, and its library was not found: pass --ort-lib or set ORT_DYLIB_PATH");
                     }
-                    eprintln!("note: ONNX Runtime library not found (--ort-lib, ORT_DYLIB_PATH or ./.venv); using the tract engine");
+                    tract_notice();
                     Ok(Engine::Tract(tract_engine::TractEngine::new(frozen, imgsz, opts)?))
                 }
             },
@@ -123,7 +129,7 @@ impl Engine {
             let engine = match opts.engine {
                 EngineChoice::Auto if ort_engine::find_library(opts.ort_lib.as_deref()).is_some() => EngineChoice::Ort,
                 EngineChoice::Auto => {
-                    eprintln!("note: ONNX Runtime library not found (--ort-lib, ORT_DYLIB_PATH or ./.venv); using the tract engine");
+                    tract_notice();
                     EngineChoice::Tract
                 }
                 e => e,
