@@ -15,7 +15,7 @@ use ndarray::{Array1, Array2, ArrayView2, Axis, s};
 use serde::{Deserialize, Serialize};
 
 use crate::graph::Model;
-use crate::kernels::{Elem, conv_rows_window, dots};
+use crate::kernels::{Elem, conv_rows_window, dots, gather_col};
 
 /// Positions per objectness tile in `decode_above`.
 const DECODE_TILE: usize = 256;
@@ -139,7 +139,7 @@ impl Head {
             // rows per anchor: decode's order is anchor, then position
             let mut found: Vec<Vec<f32>> = vec![Vec::new(); na];
             let mut obj = vec![0.0f32; na * DECODE_TILE];
-            let (mut raw, mut col) = (Vec::with_capacity(cin), vec![0.0f32; cin]);
+            let mut col = vec![0.0f32; cin];
             for s0 in (0..sp).step_by(DECODE_TILE) {
                 let len = DECODE_TILE.min(sp - s0);
                 let obj = &mut obj[..na * len];
@@ -153,9 +153,7 @@ impl Head {
                             continue;
                         }
                         let p = s0 + i;
-                        raw.clear();
-                        raw.extend((0..cin).map(|c| x[c * sp + p]));
-                        T::to_f32_slice(&raw, &mut col);
+                        gather_col(x, sp, p, &mut col);
                         let out = &mut found[a];
                         let start = out.len();
                         out.resize(start + no, 0.0);

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use super::matmul::weight2;
 use super::tape::{Feat, GradAcc, Op, Tape, Var};
 use crate::features::Features;
-use crate::kernels::{Elem, axpy, conv_rows, dot, dots};
+use crate::kernels::{axpy, conv_rows, dot, dots, gather_col};
 use crate::with_slice;
 
 /// `(image, position, group)` of one gathered output row.
@@ -83,21 +83,14 @@ impl Tape {
     }
 }
 
-/// Column `si` of one image's `[cin, sp]` features.
-fn gather_col<T: Elem>(xd: &[T], sp: usize, si: usize, col: &mut [f32]) {
-    for (c, v) in col.iter_mut().enumerate() {
-        *v = xd[si + c * sp].to_f32();
-    }
+/// A zero gradient of `w`'s shape (`[cout, cin]` or `[cout, cin, 1, 1]`).
+pub(super) fn zeros_like_w(t: &Tape, w: Var) -> ArrayD<f32> {
+    ArrayD::zeros(t.value(w).raw_dim())
 }
 
-/// A zero gradient of `w`'s shape and its [cout, cin] view's cin.
-fn zeros_like_w(t: &Tape, w: Var) -> (ArrayD<f32>, usize) {
-    let cin = weight2(t.value(w)).ncols();
-    (ArrayD::zeros(t.value(w).raw_dim()), cin)
-}
-
-fn w_rows(dw: &mut ArrayD<f32>, cin: usize) -> ndarray::ArrayViewMut2<'_, f32> {
-    let cout = dw.len() / cin;
+/// A weight gradient's `[cout, cin]` view, to write rows into.
+pub(super) fn w_rows(dw: &mut ArrayD<f32>) -> ndarray::ArrayViewMut2<'_, f32> {
+    let (cout, cin) = (dw.shape()[0], dw.shape()[1]);
     dw.view_mut().into_shape_with_order((cout, cin)).unwrap()
 }
 
@@ -139,8 +132,8 @@ pub fn channels_backward(t: &Tape, x: Feat, w: Var, b: Var, chans: &[usize], g: 
                 p
             })
             .collect();
-        let (mut dw, _) = zeros_like_w(t, w);
-        let mut dw2 = w_rows(&mut dw, cin);
+        let mut dw = zeros_like_w(t, w);
+        let mut dw2 = w_rows(&mut dw);
         for p in parts {
             for (j, &ch) in chans.iter().enumerate() {
                 for (d, v) in dw2.row_mut(ch).iter_mut().zip(&p[j * cin..(j + 1) * cin]) {
@@ -169,8 +162,8 @@ pub fn at_backward(t: &Tape, x: Feat, w: Var, b: Var, picks: &[Pick], groups: us
         acc.add(b, bias_grad(&db));
     }
     if acc.wants(w) {
-        let (mut dw, _) = zeros_like_w(t, w);
-        let mut dw2 = w_rows(&mut dw, f.cin);
+        let mut dw = zeros_like_w(t, w);
+        let mut dw2 = w_rows(&mut dw);
         let mut col = vec![0.0f32; f.cin];
         for (gr, &(bi, si, gi)) in g2.axis_iter(Axis(0)).zip(picks) {
             with_slice!(f.image(bi as usize), xd => gather_col(xd, f.sp, si as usize, &mut col));

@@ -19,7 +19,7 @@
 use ndarray::{ArrayD, arr0};
 use rayon::prelude::*;
 
-use super::matmul::weight2;
+use super::conv1x1::{w_rows, zeros_like_w};
 use super::tape::{Feat, GradAcc, Op, Tape, Var};
 use crate::kernels::bce::{bce_logits_grad, bce_logits_sum};
 use crate::kernels::{Elem, conv_rows_window, dots_lanes};
@@ -139,11 +139,11 @@ pub fn backward(t: &Tape, w: Var, b: Var, chans: &[usize], dw: &[f32], db: &[f32
         acc.add(b, gb);
     }
     if acc.wants(w) {
-        let cin = weight2(t.value(w)).ncols();
-        let mut gw = ArrayD::<f32>::zeros(t.value(w).raw_dim());
-        let rows = gw.as_slice_mut().expect("a fresh array is contiguous");
+        let mut gw = zeros_like_w(t, w);
+        let mut rows = w_rows(&mut gw);
+        let cin = rows.ncols();
         for (j, &c) in chans.iter().enumerate() {
-            for (o, &d) in rows[c * cin..(c + 1) * cin].iter_mut().zip(&dw[j * cin..(j + 1) * cin]) {
+            for (o, &d) in rows.row_mut(c).iter_mut().zip(&dw[j * cin..(j + 1) * cin]) {
                 *o = gs * d;
             }
         }

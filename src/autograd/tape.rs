@@ -17,7 +17,7 @@ use super::{binary, conv1x1, loss_ops, matmul, obj_bce, reduce, shape, unary};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Var(pub usize);
 
-/// Index of a batch of frozen features on the tape (see `conv1x1::Features`).
+/// Index of a batch of frozen features on the tape (see `features::Features`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Feat(pub usize);
 

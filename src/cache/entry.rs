@@ -8,6 +8,7 @@
 //! never leaves a partial file under the final name.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use half::f16;
@@ -16,7 +17,7 @@ use memmap2::Mmap;
 use ndarray::{Array3, ArrayView3};
 use serde::{Deserialize, Serialize};
 
-use crate::features::{FeatSlice, LendLevel};
+use crate::features::{FeatSlice, Features, LendLevel};
 use crate::preprocess::LetterboxMeta;
 
 const MAGIC: &[u8; 8] = b"FZFEAT01";
@@ -69,17 +70,13 @@ pub fn encode(levels: &[ArrayView3<f32>], letterbox: LetterboxMeta, dtype: Dtype
         match dtype {
             Dtype::F32 => buf.extend_from_slice(bytemuck::cast_slice(s)),
             Dtype::F16 => {
-                // converted in place at the end of the buffer when the
-                // allocator's alignment allows it (it always does on glibc)
-                let at = buf.len();
-                buf.resize(at + 2 * s.len(), 0);
-                match bytemuck::try_cast_slice_mut::<u8, f16>(&mut buf[at..]) {
-                    Ok(h) => h.convert_from_f32_slice(s),
-                    Err(_) => {
-                        let mut h = vec![f16::ZERO; s.len()];
-                        h.convert_from_f32_slice(s);
-                        buf[at..].copy_from_slice(bytemuck::cast_slice(&h));
-                    }
+                // through a small buffer that stays in L1, not a second copy
+                // of the level
+                let mut h = [f16::ZERO; 2048];
+                for c in s.chunks(h.len()) {
+                    let h = &mut h[..c.len()];
+                    h.convert_from_f32_slice(c);
+                    buf.extend_from_slice(bytemuck::cast_slice(h));
                 }
             }
         }
@@ -88,7 +85,6 @@ pub fn encode(levels: &[ArrayView3<f32>], letterbox: LetterboxMeta, dtype: Dtype
     buf.extend_from_slice(hash.as_bytes());
     buf
 }
-
 
 /// A verified, memory-mapped entry.
 pub struct Entry {
@@ -100,11 +96,7 @@ pub struct Entry {
 impl Entry {
     /// Maps and verifies a file; any damage is an error naming the file.
     pub fn open(path: &Path) -> Result<Entry> {
-        let file = std::fs::File::open(path).with_context(|| format!("cannot open cache entry {}", path.display()))?;
-        // SAFETY: entries are immutable once renamed into place; writers only
-        // ever replace a file with a new inode, never modify it.
-        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map cache entry {}", path.display()))?;
-        Self::from_map(map, true).with_context(|| format!("cache entry {} is damaged", path.display()))
+        Self::map(path, true, false)
     }
 
     /// Maps an entry that this process has already verified with `open`,
@@ -112,19 +104,25 @@ impl Entry {
     /// The mapping is populated up front: the whole file is about to be read,
     /// and one call beats a page fault per 64 KiB.
     pub fn open_verified_before(path: &Path) -> Result<Entry> {
-        let file = std::fs::File::open(path).with_context(|| format!("cannot open cache entry {}", path.display()))?;
-        // SAFETY: as in `open`.
-        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.with_context(|| format!("cannot map cache entry {}", path.display()))?;
-        Self::from_map(map, false).with_context(|| format!("cache entry {} is damaged", path.display()))
+        Self::map(path, false, true)
     }
 
     /// Maps a file this process wrote itself a moment ago, without the
     /// checksum pass (the header and size are still checked).
     pub fn open_written_now(path: &Path) -> Result<Entry> {
+        Self::map(path, false, false)
+    }
+
+    fn map(path: &Path, verify: bool, populate: bool) -> Result<Entry> {
         let file = std::fs::File::open(path).with_context(|| format!("cannot open cache entry {}", path.display()))?;
-        // SAFETY: as in `open`.
-        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map cache entry {}", path.display()))?;
-        Self::from_map(map, false).with_context(|| format!("cache entry {} is damaged", path.display()))
+        let mut opts = memmap2::MmapOptions::new();
+        if populate {
+            opts.populate();
+        }
+        // SAFETY: entries are immutable once renamed into place; writers only
+        // ever replace a file with a new inode, never modify it.
+        let map = unsafe { opts.map(&file) }.with_context(|| format!("cannot map cache entry {}", path.display()))?;
+        Self::from_map(map, verify).with_context(|| format!("cache entry {} is damaged", path.display()))
     }
 
     fn from_map(map: Mmap, verify: bool) -> Result<Entry> {
@@ -180,16 +178,24 @@ impl Entry {
     }
 }
 
-/// Level `level` of a shared entry, lent to a training batch without a copy.
-pub struct EntryLevel {
-    pub entry: std::sync::Arc<Entry>,
-    pub level: usize,
+/// Level `level` of a shared entry, lent to a batch without a copy.
+struct EntryLevel {
+    entry: Arc<Entry>,
+    level: usize,
 }
 
 impl LendLevel for EntryLevel {
     fn level(&self) -> FeatSlice<'_> {
         self.entry.level_raw(self.level)
     }
+}
+
+/// Level `level` of a batch of entries (image `b` = `entries[b]`), lent as
+/// the head's ops read it.
+pub fn lend_level(entries: &[Arc<Entry>], level: usize) -> Result<Features> {
+    let [c, h, w] = entries.first().context("an empty batch")?.header.shapes[level];
+    let lenders = entries.iter().map(|e| Arc::new(EntryLevel { entry: e.clone(), level }) as Arc<dyn LendLevel>).collect();
+    Features::lent(lenders, c, h * w)
 }
 
 #[cfg(test)]

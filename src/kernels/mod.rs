@@ -155,6 +155,20 @@ pub fn dots<T: Elem>(g: &[&[f32]], x: &[T], out: &mut [f32]) {
     }
 }
 
+/// `col[c] = x[c*S + p]` as f32: one position's input channels, as a conv's
+/// outputs at a single position need them (f16 converted eight at a time).
+pub fn gather_col<T: Elem>(x: &[T], sp: usize, p: usize, col: &mut [f32]) {
+    assert!(col.len() * sp <= x.len() && p < sp);
+    let mut raw = [x[p]; 8];
+    for (i, out) in col.chunks_mut(8).enumerate() {
+        let raw = &mut raw[..out.len()];
+        for (k, r) in raw.iter_mut().enumerate() {
+            *r = x[(i * 8 + k) * sp + p];
+        }
+        T::to_f32_slice(raw, out);
+    }
+}
+
 /// `out[j*S + s] = b[j] + Σ_c w[j][c] · x[c*S + s]`: output rows of a 1x1
 /// conv on one image's features `x` [cin, S].
 pub fn conv_rows<T: Elem>(w: &[&[f32]], b: &[f32], x: &[T], sp: usize, out: &mut [f32]) {

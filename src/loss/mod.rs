@@ -10,7 +10,7 @@ pub mod hyp;
 pub mod targets;
 
 pub use bbox::bbox_ciou;
-pub use compute::{LevelOutputs, LossConfig, LossParts, compute_loss, compute_loss_on_features};
+pub use compute::{LossConfig, LossParts, compute_loss, compute_loss_on_features};
 pub use head::{
     ANCHORS_P3_P5, STRIDES_P3_P5, anchors_in_grid_units, grids_for, head_forward, nchw_to_rows,
 };

@@ -6,16 +6,15 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
 use ndarray::Array2;
 use rayon::prelude::*;
 
-use crate::cache::entry::{EntryHeader, EntryLevel};
+use crate::cache::entry::{EntryHeader, lend_level};
 use crate::cache::{Dtype, Entry, FeatureCache, image_key};
-use crate::features::{Features, LendLevel};
+use crate::features::Features;
 use crate::data;
 
 #[derive(Debug, Clone)]
@@ -100,14 +99,7 @@ pub fn load_batch(samples: &[&Sample], shapes: &[[usize; 3]], dtype: Dtype) -> R
             Ok(Arc::new(e))
         })
         .collect::<Result<_>>()?;
-    let feats = shapes
-        .iter()
-        .enumerate()
-        .map(|(level, &[c, h, w])| {
-            let lenders: Vec<Arc<dyn LendLevel>> = entries.iter().map(|e| Arc::new(EntryLevel { entry: e.clone(), level }) as Arc<dyn LendLevel>).collect();
-            Features::lent(lenders, c, h * w)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let feats = (0..shapes.len()).map(|level| lend_level(&entries, level)).collect::<Result<Vec<_>>>()?;
     let rows: Vec<[f32; 6]> = samples.iter().enumerate().flat_map(|(b, s)| s.targets.iter().map(move |t| [b as f32, t[0], t[1], t[2], t[3], t[4]])).collect();
     let targets = Array2::from_shape_vec((rows.len(), 6), rows.into_iter().flatten().collect())?;
     Ok(Batch { feats, targets, bs })

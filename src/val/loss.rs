@@ -12,9 +12,9 @@ use std::sync::Arc;
 use anyhow::Result;
 use ndarray::{Array2, ArrayView2};
 
-use crate::autograd::{Features, LendLevel, Tape};
+use crate::autograd::Tape;
 use crate::cache::Entry;
-use crate::cache::entry::EntryLevel;
+use crate::cache::entry::lend_level;
 use crate::head::Head;
 use crate::loss::{Hyp, LossConfig, compute_loss_on_features, scale_hyp};
 
@@ -44,9 +44,7 @@ pub fn batch_loss(head: &Head, entries: &[Arc<Entry>], targets: &[ArrayView2<f32
     let mut t = Tape::new();
     let (mut feats, mut ws, mut bsv) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..nl {
-        let [c, h, w] = entries[0].header.shapes[i];
-        let lenders: Vec<Arc<dyn LendLevel>> = entries.iter().map(|e| Arc::new(EntryLevel { entry: e.clone(), level: i }) as Arc<dyn LendLevel>).collect();
-        feats.push(t.features(Features::lent(lenders, c, h * w)?));
+        feats.push(t.features(lend_level(entries, i)?));
         ws.push(t.constant(head.weights[i].clone().into_dyn()));
         bsv.push(t.constant(head.biases[i].clone().into_dyn()));
     }
