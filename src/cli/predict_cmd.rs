@@ -43,7 +43,7 @@ pub fn run(a: PredictArgs) -> Result<()> {
     let (model, head, source) = crate::weights::resolve(&a.weights)?;
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
     let images = predict::list_sources(&a.source)?;
-    let save_dir = crate::runs::increment_path(&a.project, &a.name);
+    let save_dir = crate::runs::claim(&a.project, &a.name, false)?;
     let opts = PredictOptions { conf_thres: a.conf_thres, iou_thres: a.iou_thres, max_det: a.max_det, imgsz };
     let results = predict::predict(&model, &head, &images, &opts, &a.engine.options(), &save_dir, !a.json)?;
     if a.json {

@@ -1,5 +1,8 @@
 //! `freezesplit train --weights MODEL.onnx --data data.yaml [--epochs 30 ...]`
-//! and `freezesplit train --resume RUN`.
+//! and `freezesplit train --resume RUN`: raw arguments in, validated
+//! `TrainOptions` (train.py's defaults, the run directory claimed) out, then
+//! `train::train` and its summary. train.py flags that cannot apply to cached
+//! features are accepted with a note saying why.
 
 use std::path::PathBuf;
 
@@ -10,11 +13,13 @@ use super::EngineArgs;
 use super::cache_cmd::resolve_imgsz;
 use crate::cache::{Dtype, default_cache_dir};
 use crate::graph::Model;
-use crate::runs::increment_path;
+use crate::runs::claim;
 use crate::train::hyp::TrainHyp;
 use crate::train::optim::OptimizerKind;
 use crate::train::{self, TrainOptions, TrainWhat};
 
+/// Every training flag is optional here so that `--resume` can tell which
+/// were given; the defaults (train.py's) are applied in `settings`.
 #[derive(Args)]
 pub struct TrainArgs {
     /// The exported YOLOv5 ONNX model whose head is trained
@@ -23,58 +28,151 @@ pub struct TrainArgs {
     /// data.yaml of an Ultralytics-layout dataset
     #[arg(long, required_unless_present = "resume")]
     pub data: Option<PathBuf>,
-    #[arg(long, default_value_t = 30)]
-    pub epochs: usize,
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
+    /// Epochs [default: 30]
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Images per batch, at most the train split's [default: 16]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// Image size (static exports use their own)
     #[arg(long)]
     pub imgsz: Option<usize>,
     /// A YOLOv5 hyp yaml (default: the values of hyp.scratch-low.yaml)
     #[arg(long)]
     pub hyp: Option<PathBuf>,
-    /// head: every row of the head; cls: only the class rows
-    #[arg(long, value_enum, default_value = "head")]
-    pub train: TrainWhat,
+    /// head: every row of the head; cls: only the class rows [default: head]
+    #[arg(long, value_enum)]
+    pub train: Option<TrainWhat>,
     /// Re-initialise the whole head as YOLOv5 does (default: keep box/objectness rows)
     #[arg(long)]
     pub reinit_head: bool,
-    #[arg(long, value_enum, default_value = "SGD")]
-    pub optimizer: OptimizerKind,
+    /// [default: SGD]
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerKind>,
     /// Cosine learning-rate schedule (default linear)
     #[arg(long)]
     pub cos_lr: bool,
-    #[arg(long, default_value_t = 0.0)]
-    pub label_smoothing: f64,
-    /// Learning-rate multiplier of the box rows
-    #[arg(long, default_value_t = 1.0)]
-    pub lr_box: f64,
-    /// Learning-rate multiplier of the objectness rows
-    #[arg(long, default_value_t = 1.0)]
-    pub lr_obj: f64,
-    /// Learning-rate multiplier of the class rows
-    #[arg(long, default_value_t = 1.0)]
-    pub lr_cls: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    #[arg(long, default_value = "runs/train")]
-    pub project: PathBuf,
-    #[arg(long, default_value = "exp")]
-    pub name: String,
-    /// Continue a run after its last finished epoch
+    /// Label smoothing epsilon in [0, 1) [default: 0]
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// Learning-rate multiplier of the box rows [default: 1]
+    #[arg(long)]
+    pub lr_box: Option<f64>,
+    /// Learning-rate multiplier of the objectness rows [default: 1]
+    #[arg(long)]
+    pub lr_obj: Option<f64>,
+    /// Learning-rate multiplier of the class rows [default: 1]
+    #[arg(long)]
+    pub lr_cls: Option<f64>,
+    /// [default: 0]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// EarlyStopping patience (epochs without improvement; 0 disables) [default: 100]
+    #[arg(long)]
+    pub patience: Option<usize>,
+    /// Save the EMA head as weights/epochN every N epochs (≤ 0: never) [default: -1]
+    #[arg(long, allow_negative_numbers = true)]
+    pub save_period: Option<i64>,
+    /// [default: runs/train]
+    #[arg(long)]
+    pub project: Option<PathBuf>,
+    /// [default: exp]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Reuse project/name instead of incrementing it (a live run there is still refused)
+    #[arg(long)]
+    pub exist_ok: bool,
+    /// Continue a run after its last finished epoch, with the settings of its opt.yaml
     #[arg(long, value_name = "RUN")]
     pub resume: Option<PathBuf>,
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "f16")]
-    pub dtype: Dtype,
+    /// [default: f16]
+    #[arg(long, value_enum)]
+    pub dtype: Option<Dtype>,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub yolov5: Yolov5OnlyArgs,
+}
+
+/// train.py flags that mean nothing on cached features: accepted, and the
+/// reason printed, instead of clap's unknown-flag error.
+#[derive(Args)]
+pub struct Yolov5OnlyArgs {
+    #[arg(long, hide = true)]
+    workers: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "ram")]
+    cache: Option<String>,
+    #[arg(long, hide = true)]
+    image_weights: bool,
+    #[arg(long, hide = true)]
+    multi_scale: bool,
+    #[arg(long, hide = true)]
+    rect: bool,
+    #[arg(long, hide = true)]
+    sync_bn: bool,
+    #[arg(long, hide = true)]
+    quad: bool,
+}
+
+impl Yolov5OnlyArgs {
+    /// One note per given flag: why it does not apply.
+    fn notes(&self) -> Vec<String> {
+        let given = [
+            ("--workers", self.workers.is_some(), "there is no image dataloader: batches are read memory-mapped from the feature cache (--threads sets the compute threads)"),
+            ("--cache", self.cache.is_some(), "the frozen features are always cached, on disk in --cache-dir, and read memory-mapped"),
+            ("--image-weights", self.image_weights, "image-weighted sampling is not implemented; every image is seen once per epoch"),
+            ("--multi-scale", self.multi_scale, "the features are cached at one image size (--imgsz); each size would need its own cache"),
+            ("--rect", self.rect, "the features are cached from square letterboxed images of --imgsz; rectangular batches would need another cache"),
+            ("--sync-bn", self.sync_bn, "it synchronises BatchNorm across DDP processes; the head has no BatchNorm and training runs in one process"),
+            ("--quad", self.quad, "the quad dataloader is an image-loading augmentation; training here reads cached features"),
+        ];
+        given.iter().filter(|(_, g, _)| *g).map(|(flag, _, why)| format!("note: {flag} is ignored: {why}")).collect()
+    }
+}
+
+impl TrainArgs {
+    /// The training flags given on the command line (they conflict with `--resume`).
+    fn training_flags(&self) -> Vec<&'static str> {
+        let given = [
+            ("--weights", self.weights.is_some()),
+            ("--data", self.data.is_some()),
+            ("--epochs", self.epochs.is_some()),
+            ("--batch-size", self.batch_size.is_some()),
+            ("--imgsz", self.imgsz.is_some()),
+            ("--hyp", self.hyp.is_some()),
+            ("--train", self.train.is_some()),
+            ("--reinit-head", self.reinit_head),
+            ("--optimizer", self.optimizer.is_some()),
+            ("--cos-lr", self.cos_lr),
+            ("--label-smoothing", self.label_smoothing.is_some()),
+            ("--lr-box", self.lr_box.is_some()),
+            ("--lr-obj", self.lr_obj.is_some()),
+            ("--lr-cls", self.lr_cls.is_some()),
+            ("--seed", self.seed.is_some()),
+            ("--patience", self.patience.is_some()),
+            ("--save-period", self.save_period.is_some()),
+            ("--project", self.project.is_some()),
+            ("--name", self.name.is_some()),
+            ("--exist-ok", self.exist_ok),
+            ("--cache-dir", self.cache_dir.is_some()),
+            ("--dtype", self.dtype.is_some()),
+        ];
+        given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect()
+    }
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    for note in a.yolov5.notes() {
+        eprintln!("{note}");
+    }
     let (opts, resume) = match &a.resume {
         Some(run) => {
+            let flags = a.training_flags();
+            if !flags.is_empty() {
+                bail!("--resume {} continues the run with the settings of its opt.yaml; {} cannot be given with it (start a new run to change them)", run.display(), flags.join(", "));
+            }
             let mut o = train::load_opt(run)?;
             o.save_dir = run.clone();
             o.engine = a.engine.options();
@@ -84,23 +182,25 @@ pub fn run(a: TrainArgs) -> Result<()> {
         None => (settings(&a)?, false),
     };
     let report = train::train(&opts, resume)?;
-    let last = report.rows.last();
     println!(
         "{} epochs finished; train images {}, val images {}; cache {}",
         opts.epochs, report.train_images, report.val_images, report.cache.display()
     );
-    if let Some(r) = last {
-        println!("final val loss: box {:.5} obj {:.5} cls {:.5}", r.val[0], r.val[1], r.val[2]);
+    if let Some(e) = report.stopped_at {
+        println!("stopped early after epoch {e} (--patience {})", opts.patience);
+    }
+    if let Some(r) = report.rows.last() {
+        println!("final val loss (last epoch, {}): box {:.5} obj {:.5} cls {:.5}", r.epoch, r.val[0], r.val[1], r.val[2]);
     }
     if let (Some(b), Some(a)) = (&report.before, &report.after) {
-        print!("{}", before_after(b, a, &opts));
+        print!("{}", before_after(b, a, report.best_epoch, &opts));
     }
     println!("results saved to {}", report.save_dir.display());
     Ok(())
 }
 
 /// The val split before (starting head) and after (best head).
-fn before_after(b: &crate::val::ValReport, a: &crate::val::ValReport, opts: &TrainOptions) -> String {
+fn before_after(b: &crate::val::ValReport, a: &crate::val::ValReport, best_epoch: Option<usize>, opts: &TrainOptions) -> String {
     let mut out = format!("\nval split, {} images          before      after\n", a.summary.seen);
     let rows = [
         ("mAP50", b.summary.map50, a.summary.map50),
@@ -115,29 +215,48 @@ fn before_after(b: &crate::val::ValReport, a: &crate::val::ValReport, opts: &Tra
     for (c, name) in a.names.iter().enumerate() {
         out.push_str(&format!("{:<28} {:>10.4} {:>10.4}\n", format!("AP50-95 {name}"), ap(b, c), ap(a, c)));
     }
+    match best_epoch {
+        Some(e) => out.push_str(&format!("(after: the best head, epoch {e}, weights/best)\n")),
+        None => out.push_str("(after: the best head, weights/best)\n"),
+    }
     if opts.reinit_head {
         out.push_str("(before: the re-initialised head)\n");
     }
     out
 }
 
-/// Raw arguments to validated settings, before any work starts.
+/// Raw arguments to validated settings, before any work starts; the run
+/// directory is claimed last, when everything else is valid.
 fn settings(a: &TrainArgs) -> Result<TrainOptions> {
     let weights = a.weights.clone().unwrap();
     let data = a.data.clone().unwrap();
-    if a.epochs == 0 {
-        bail!("--epochs must be at least 1");
+    let epochs = a.epochs.unwrap_or(30);
+    let batch_size = a.batch_size.unwrap_or(16);
+    let label_smoothing = a.label_smoothing.unwrap_or(0.0);
+    let train = a.train.unwrap_or(TrainWhat::Head);
+    let [lr_box, lr_obj, lr_cls] = [a.lr_box, a.lr_obj, a.lr_cls].map(|v| v.unwrap_or(1.0));
+    if epochs == 0 {
+        bail!("--epochs must be at least 1, got 0");
     }
-    if a.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
+    if batch_size == 0 {
+        bail!("--batch-size must be at least 1, got 0");
     }
-    for (flag, v) in [("--lr-box", a.lr_box), ("--lr-obj", a.lr_obj), ("--lr-cls", a.lr_cls)] {
+    for (flag, v) in [("--lr-box", lr_box), ("--lr-obj", lr_obj), ("--lr-cls", lr_cls)] {
         if !(v >= 0.0 && v.is_finite()) {
-            bail!("{flag} must be a non-negative number, got {v}");
+            bail!("{flag} must be a finite number in [0, inf), got {v}");
         }
     }
-    if !(0.0..1.0).contains(&a.label_smoothing) {
-        bail!("--label-smoothing must be in [0, 1)");
+    if !(0.0..1.0).contains(&label_smoothing) {
+        bail!("--label-smoothing must be in [0, 1), got {label_smoothing}");
+    }
+    if train == TrainWhat::Cls && a.reinit_head {
+        bail!("--train cls keeps the box and objectness rows frozen, and --reinit-head would re-initialise them at random and leave them untrained; use one of the two");
+    }
+    if train == TrainWhat::Cls && (a.lr_box.is_some() || a.lr_obj.is_some()) {
+        eprintln!("note: --lr-box and --lr-obj are ignored with --train cls: the box and objectness rows are frozen");
+    }
+    if (train == TrainWhat::Cls || (lr_box == 0.0 && lr_obj == 0.0)) && lr_cls == 0.0 {
+        eprintln!("note: every row's learning-rate multiplier is 0: the head does not change (the epochs only validate it)");
     }
     let model = Model::load(&weights)?;
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
@@ -145,25 +264,29 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
         Some(p) => TrainHyp::load(p)?,
         None => TrainHyp::default(),
     };
+    let project = a.project.clone().unwrap_or_else(|| PathBuf::from("runs/train"));
+    let save_dir = claim(&project, a.name.as_deref().unwrap_or("exp"), a.exist_ok)?;
     Ok(TrainOptions {
         weights,
         data,
-        epochs: a.epochs,
-        batch_size: a.batch_size,
+        epochs,
+        batch_size,
         imgsz,
         hyp,
-        train: a.train,
+        train,
         reinit_head: a.reinit_head,
-        optimizer: a.optimizer,
+        optimizer: a.optimizer.unwrap_or(OptimizerKind::Sgd),
         cos_lr: a.cos_lr,
-        label_smoothing: a.label_smoothing,
-        lr_box: a.lr_box,
-        lr_obj: a.lr_obj,
-        lr_cls: a.lr_cls,
-        seed: a.seed,
-        save_dir: increment_path(&a.project, &a.name),
+        label_smoothing,
+        lr_box,
+        lr_obj,
+        lr_cls,
+        seed: a.seed.unwrap_or(0),
+        patience: a.patience.unwrap_or_else(train::default_patience),
+        save_period: a.save_period.unwrap_or_else(train::default_save_period),
+        save_dir,
         cache_dir: a.cache_dir.clone().unwrap_or_else(default_cache_dir),
-        dtype: a.dtype,
+        dtype: a.dtype.unwrap_or(Dtype::F16),
         engine: a.engine.options(),
         progress: true,
     })

@@ -68,7 +68,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     if !model_path.exists() {
         bail!("the demo model {} is missing; it is made by tools/make_demo_model.py", model_path.display());
     }
-    let save_dir = crate::runs::increment_path(&opts.project, "exp");
+    let save_dir = crate::runs::claim(&opts.project, "exp", false)?;
     let data_dir = save_dir.join("data");
     if opts.progress {
         eprintln!("demo: drawing 240 train + 60 val synthetic images labelled by colour into {}", data_dir.display());
@@ -92,6 +92,8 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         lr_obj: 1.0,
         lr_cls: 1.0,
         seed: 0,
+        patience: crate::train::default_patience(),
+        save_period: crate::train::default_save_period(),
         save_dir: save_dir.join("train"),
         cache_dir: save_dir.join("cache"),
         dtype: Dtype::F16,

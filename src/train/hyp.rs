@@ -103,7 +103,41 @@ impl TrainHyp {
             };
             *slot = v;
         }
+        h.validate()?;
         Ok(h)
+    }
+
+    /// Every value inside the range train.py can work with; the message names
+    /// the key and its valid range.
+    pub fn validate(&self) -> Result<()> {
+        // (key, value, low, low inclusive, high, high inclusive)
+        let inf = f64::INFINITY;
+        let ranges = [
+            ("lr0", self.lr0, 0.0, false, 1.0, true),
+            ("lrf", self.lrf, 0.0, false, 1.0, true),
+            ("momentum", self.momentum, 0.0, true, 1.0, false),
+            ("weight_decay", self.weight_decay, 0.0, true, 1.0, false),
+            ("warmup_epochs", self.warmup_epochs, 0.0, true, inf, false),
+            ("warmup_momentum", self.warmup_momentum, 0.0, true, 1.0, false),
+            ("warmup_bias_lr", self.warmup_bias_lr, 0.0, true, 1.0, true),
+            ("box", self.box_, 0.0, true, inf, false),
+            ("cls", self.cls, 0.0, true, inf, false),
+            ("obj", self.obj, 0.0, true, inf, false),
+            ("cls_pw", self.cls_pw, 0.0, false, inf, false),
+            ("obj_pw", self.obj_pw, 0.0, false, inf, false),
+            ("iou_t", self.iou_t, 0.0, false, 1.0, false),
+            ("anchor_t", self.anchor_t, 1.0, true, inf, false),
+            ("fl_gamma", self.fl_gamma, 0.0, true, inf, false),
+        ];
+        for (key, v, lo, lo_in, hi, hi_in) in ranges {
+            let above = if lo_in { v >= lo } else { v > lo };
+            let below = if hi_in { v <= hi } else { v < hi };
+            if !(above && below) {
+                let hi_s = if hi.is_infinite() { "inf".to_string() } else { hi.to_string() };
+                bail!("hyp `{key}` must be in {}{lo}, {hi_s}{}, got {v}", if lo_in { "[" } else { "(" }, if hi_in { "]" } else { ")" });
+            }
+        }
+        Ok(())
     }
 
     /// The loss gains, before train.py's scaling for nc, nl and imgsz.
@@ -141,5 +175,22 @@ mod tests {
         assert!(format!("{e:#}").contains("`lr0` must be a number"));
         assert!(TrainHyp::parse("lr_zero: 0.1\n").is_err());
         assert_eq!(TrainHyp::parse(&TrainHyp::default().to_yaml()).unwrap(), TrainHyp::default());
+    }
+
+    #[test]
+    fn values_outside_their_range_are_refused_with_the_range() {
+        for (text, want) in [
+            ("lr0: .nan\n", "`lr0` must be in (0, 1], got NaN"),
+            ("lr0: 1000000\n", "`lr0` must be in (0, 1], got 1000000"),
+            ("lr0: 0\n", "`lr0` must be in (0, 1]"),
+            ("momentum: 1.0\n", "`momentum` must be in [0, 1), got 1"),
+            ("warmup_epochs: -1\n", "`warmup_epochs` must be in [0, inf)"),
+            ("anchor_t: 0.5\n", "`anchor_t` must be in [1, inf)"),
+            ("obj: .inf\n", "`obj` must be in [0, inf), got inf"),
+        ] {
+            let e = TrainHyp::parse(text).unwrap_err();
+            assert!(format!("{e:#}").contains(want), "{text}: {e:#}");
+        }
+        TrainHyp::default().validate().unwrap();
     }
 }

@@ -4,8 +4,10 @@
 //! targets)[1]` (hyp gains applied, not multiplied by the batch size).
 //!
 //! The loss runs on a tape where everything is a constant (no gradients are
-//! needed), evaluating the convs only where the loss reads them; hyp is
-//! hyp.scratch-low scaled by train.py's `scale_hyp` for nc, nl and imgsz.
+//! needed), evaluating the convs only where the loss reads them. The hyp is
+//! the run's (`batch_loss_with`: the trainer validates with its own loss
+//! settings, as train.py does) or hyp.scratch-low (`batch_loss`), scaled by
+//! train.py's `scale_hyp` for nc, nl and imgsz.
 
 use std::sync::Arc;
 
@@ -21,12 +23,18 @@ use crate::loss::{Hyp, LossConfig, compute_loss_on_features, scale_hyp};
 /// `entries[b]` holds image `b`'s levels; `targets[b]` is `[m, 5]`
 /// (cls, x, y, w, h normalised by imgsz).
 pub fn batch_loss(head: &Head, entries: &[Arc<Entry>], targets: &[ArrayView2<f32>]) -> Result<[f32; 3]> {
+    batch_loss_with(head, &Hyp::scratch_low(), entries, targets)
+}
+
+/// `batch_loss` with the gains, focal gamma and label smoothing of `hyp`
+/// (before `scale_hyp`).
+pub fn batch_loss_with(head: &Head, hyp: &Hyp, entries: &[Arc<Entry>], targets: &[ArrayView2<f32>]) -> Result<[f32; 3]> {
     let bs = entries.len();
     let nl = head.nl();
     let grids: Vec<(usize, usize)> = entries[0].header.shapes.iter().map(|s| (s[1], s[2])).collect();
     let imgsz = (grids[0].0 as f32 * head.strides[0]) as usize;
     let anchors: Vec<Vec<[f32; 2]>> = head.anchors.iter().zip(&head.strides).map(|(a, &s)| a.iter().map(|[w, h]| [w / s, h / s]).collect()).collect();
-    let cfg = LossConfig::new(scale_hyp(&Hyp::scratch_low(), head.nc, nl, imgsz), head.nc, anchors);
+    let cfg = LossConfig::new(scale_hyp(hyp, head.nc, nl, imgsz), head.nc, anchors);
 
     let nt: usize = targets.iter().map(|t| t.nrows()).sum();
     let mut tg = Array2::<f32>::zeros((nt, 6));

@@ -1,0 +1,170 @@
+//! A run's set-up: validated `TrainOptions` in; everything the epochs read and
+//! never change out (`Run`): the starting head and where its tensors live in
+//! the model, the samples of both splits with their cache entries (the cache
+//! filled first where anything is missing), the loss configuration and the
+//! schedule. The checks that need the model or the data run before the cache
+//! fill, so bad input costs nothing.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::batches::{SplitData, load_split};
+use super::init;
+use super::params::HeadLayout;
+use super::schedule::Schedule;
+use super::{TrainOptions, TrainWhat};
+use crate::cache::{Entry, FeatureCache, build};
+use crate::data::Dataset;
+use crate::engine::Engine;
+use crate::graph::Model;
+use crate::head::Head;
+use crate::loss::{Hyp, LossConfig, scale_hyp};
+use crate::val::{ValItem, ValOptions};
+
+pub struct Run {
+    /// The head training starts from (pretrained, new class set or re-initialised).
+    pub head0: Head,
+    pub layout: HeadLayout,
+    /// The learning-rate multiplier of each output channel (box, obj, cls rows).
+    pub row_lr: Vec<f32>,
+    /// The run's loss settings before `scale_hyp` (the val losses use them too).
+    pub loss_hyp: Hyp,
+    pub cfg: LossConfig,
+    /// `[C, H, W]` and `(H, W)` of each level.
+    pub shapes: Vec<[usize; 3]>,
+    pub grids: Vec<(usize, usize)>,
+    pub train: SplitData,
+    pub val: SplitData,
+    /// The val samples' entries, opened once.
+    pub val_items: Vec<ValItem>,
+    pub val_opts: ValOptions,
+    pub schedule: Schedule,
+    pub weight_decay: f64,
+    pub cache_dir: PathBuf,
+    pub cache_seconds: f64,
+    /// Provenance written next to every saved head.
+    pub source: HashMap<String, String>,
+}
+
+pub fn prepare(opts: &TrainOptions) -> Result<Run> {
+    let model = Model::load(&opts.weights)?;
+    let data = Dataset::load(&opts.data)?;
+    let train_images = data.images("train")?;
+    let val_images = data.images("val")?;
+    let nc = data.nc();
+    if nc == 0 {
+        bail!("{} names no classes (nc: 0); a detector needs at least one class in `names`", opts.data.display());
+    }
+    if train_images.is_empty() {
+        bail!("the train split of {} has no images", opts.data.display());
+    }
+    if opts.batch_size > train_images.len() {
+        bail!("--batch-size {} is larger than the train split of {} ({} images); use a batch size from 1 to {}", opts.batch_size, opts.data.display(), train_images.len(), train_images.len());
+    }
+    let (head0, note) = starting_head(&model, &data.names, opts)?;
+
+    let cache_start = std::time::Instant::now();
+    let (cache, frozen) = FeatureCache::open(&opts.cache_dir, &model, opts.imgsz)?;
+    let mut engine = None;
+    let train = prepare_split(&cache, &mut engine, &frozen, opts, &train_images, nc, "train")?;
+    let val = prepare_split(&cache, &mut engine, &frozen, opts, &val_images, nc, "val")?;
+    drop(engine);
+    let cache_seconds = cache_start.elapsed().as_secs_f64();
+    if train.samples.is_empty() {
+        bail!("none of the {} train images of {} could be read", train_images.len(), opts.data.display());
+    }
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
+    // load_split already hashed the images and verified their entries
+    let val_items: Vec<ValItem> = val.samples.iter().map(|s| Ok(ValItem { image: s.image.clone(), entry: Arc::new(Entry::open_verified_before(&s.entry)?) })).collect::<Result<_>>()?;
+
+    let shapes = train.shapes.clone();
+    let grids: Vec<(usize, usize)> = shapes.iter().map(|s| (s[1], s[2])).collect();
+    let anchors_grid: Vec<Vec<[f32; 2]>> = head0.anchors.iter().zip(&head0.strides).map(|(a, s)| a.iter().map(|[w, h]| [w / s, h / s]).collect()).collect();
+    let loss_hyp = opts.hyp.loss_hyp(opts.label_smoothing);
+    let cfg = LossConfig::new(scale_hyp(&loss_hyp, nc, head0.nl(), opts.imgsz), nc, anchors_grid);
+    let schedule = Schedule::new(&opts.hyp, opts.epochs, train.samples.len().div_ceil(opts.batch_size), opts.batch_size, opts.cos_lr);
+
+    let mut source = HashMap::new();
+    source.insert("model".to_string(), std::path::absolute(&opts.weights)?.display().to_string());
+    source.insert("cache".to_string(), cache.dir.display().to_string());
+    source.insert("data".to_string(), std::path::absolute(&opts.data)?.display().to_string());
+
+    Ok(Run {
+        row_lr: row_lr(&head0, opts),
+        layout: HeadLayout::of(&model),
+        head0,
+        loss_hyp,
+        cfg,
+        shapes,
+        grids,
+        train,
+        val,
+        val_items,
+        // the losses are the trainer's own, with the run's hyp (`epoch::evaluate`)
+        val_opts: ValOptions { batch_size: opts.batch_size * 2, dtype: opts.dtype, losses: false, ..Default::default() },
+        weight_decay: schedule.weight_decay(opts.hyp.weight_decay),
+        schedule,
+        cache_dir: cache.dir.clone(),
+        cache_seconds,
+        source,
+    })
+}
+
+/// The head to start from, refused if it holds non-finite values, and the
+/// line that says how it was made.
+fn starting_head(model: &Model, names: &[String], opts: &TrainOptions) -> Result<(Head, Option<String>)> {
+    let pretrained = Head::from_model(model)?;
+    let layout = HeadLayout::of(model);
+    if let Some(name) = layout.params(&pretrained, &[]).first_non_finite() {
+        bail!("the Detect head of {} holds NaN or infinite values (initializer `{name}`); export the model again from a checkpoint that trained without diverging", opts.weights.display());
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    Ok(if opts.reinit_head {
+        (init::reinit_head(&pretrained, names, &mut rng), None)
+    } else if pretrained.names != names {
+        let note = (opts.train == TrainWhat::Cls || pretrained.nc != names.len())
+            .then(|| format!("new class set: {} → {} classes ({}); box and objectness rows kept, class rows initialised", pretrained.nc, names.len(), names.join(", ")));
+        (init::new_class_head(&pretrained, names, &mut rng), note)
+    } else {
+        (pretrained, None)
+    })
+}
+
+/// Per output channel `a·no + k`: the multiplier of its kind of row; `--train
+/// cls` freezes the box and objectness rows.
+fn row_lr(head: &Head, opts: &TrainOptions) -> Vec<f32> {
+    let no = head.no();
+    (0..head.na() * no)
+        .map(|r| {
+            let k = r % no;
+            let m = if k < 4 { opts.lr_box } else if k == 4 { opts.lr_obj } else { opts.lr_cls };
+            if opts.train == TrainWhat::Cls && k < 5 { 0.0 } else { m as f32 }
+        })
+        .collect()
+}
+
+/// Fills the cache for the images that need it and returns the split's samples.
+fn prepare_split(cache: &FeatureCache, engine: &mut Option<Vec<Engine>>, frozen: &[u8], opts: &TrainOptions, images: &[PathBuf], nc: usize, split: &str) -> Result<SplitData> {
+    let mut data = load_split(cache, images, nc, opts.dtype, &Default::default())?;
+    if !data.missing.is_empty() {
+        if engine.is_none() {
+            *engine = Some(Engine::for_fill(frozen, opts.imgsz, &opts.engine)?);
+        }
+        // two sessions side by side: small batches, low memory, same speed
+        let fill = build::FillOptions { batch_size: 2, dtype: opts.dtype, progress: opts.progress };
+        let r = build::fill(cache, engine.as_mut().unwrap(), &data.missing, &fill)?;
+        eprintln!("{split}: cached {} new images ({} skipped) in {:.1}s", r.computed, r.skipped, r.seconds);
+        data = load_split(cache, images, nc, opts.dtype, &r.written.into_iter().collect())?;
+    }
+    for (file, line, reason) in &data.bad_lines {
+        eprintln!("warning: {}:{line}: {reason}; line skipped", file.display());
+    }
+    Ok(data)
+}
