@@ -187,20 +187,7 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
     let run = setup::prepare(opts)?;
     let wdir = save_dir.join("weights");
     std::fs::create_dir_all(&wdir).with_context(|| format!("cannot create {}", wdir.display()))?;
-    let mut st = State::new(&run, opts);
-    if resume {
-        let c = state::load(&state_path(&wdir))?;
-        if c.counters.stopped || c.counters.epoch >= opts.epochs {
-            bail!("{} is finished ({} of {} epochs{}); nothing to resume", save_dir.display(), c.counters.epoch, opts.epochs, if c.counters.stopped { ", stopped early by --patience" } else { "" });
-        }
-        st.load(c).with_context(|| format!("{} does not fit this run's head", state_path(&wdir).display()))?;
-        // the checkpoint is the truth: files a kill left behind are rewritten from it
-        write_derived(&run, &st, &wdir, true)?;
-        eprintln!("resuming {} from epoch {} of {}", save_dir.display(), st.counters.epoch, opts.epochs);
-    } else {
-        start_run_dir(opts, &wdir)?;
-        crate::fsutil::write_atomic(&save_dir.join("results.csv"), st.results_csv.as_bytes())?;
-    }
+    let mut st = begin(&run, opts, &wdir, resume)?;
 
     let before = if run.val_items.is_empty() { None } else { Some(crate::val::validate_items(&run.head0, &run.val_items, &run.val_opts)?) };
     let train_start = std::time::Instant::now();
@@ -261,6 +248,26 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
         best_epoch: st.counters.best_epoch,
         stopped_at: st.counters.stopped.then(|| st.counters.epoch - 1),
     })
+}
+
+/// The state to start from: fresh, or the checkpoint's for `resume`.
+fn begin(run: &Run, opts: &TrainOptions, wdir: &Path, resume: bool) -> Result<State> {
+    let mut st = State::new(run, opts);
+    if !resume {
+        start_run_dir(opts, wdir)?;
+        crate::fsutil::write_atomic(&opts.save_dir.join("results.csv"), st.results_csv.as_bytes())?;
+        return Ok(st);
+    }
+    let c = state::load(&state_path(wdir))?;
+    if c.counters.stopped || c.counters.epoch >= opts.epochs {
+        let how = if c.counters.stopped { ", stopped early by --patience" } else { "" };
+        bail!("{} is finished ({} of {} epochs{how}); nothing to resume", opts.save_dir.display(), c.counters.epoch, opts.epochs);
+    }
+    st.load(c).with_context(|| format!("{} does not fit this run's head", state_path(wdir).display()))?;
+    // the checkpoint is the truth: files a kill left behind are rewritten from it
+    write_derived(run, &st, wdir, true)?;
+    eprintln!("resuming {} from epoch {} of {}", opts.save_dir.display(), st.counters.epoch, opts.epochs);
+    Ok(st)
 }
 
 /// Books a finished epoch into the state: its results.csv row, the best head

@@ -63,6 +63,9 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
     if train_images.is_empty() {
         bail!("the train split of {} has no images", opts.data.display());
     }
+    if opts.batch_size == 0 {
+        bail!("--batch-size must be at least 1, got 0");
+    }
     if opts.batch_size > train_images.len() {
         bail!("--batch-size {} is larger than the train split of {} ({} images); use a batch size from 1 to {}", opts.batch_size, opts.data.display(), train_images.len(), train_images.len());
     }
