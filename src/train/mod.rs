@@ -111,7 +111,7 @@ fn prepare_split(cache: &FeatureCache, engine: &mut Option<Vec<Engine>>, frozen:
         data = load_split(cache, images, nc, opts.dtype, &r.written.into_iter().collect())?;
     }
     for (file, line, reason) in &data.bad_lines {
-        eprintln!("warning: {}:{line}: {reason}; line skipped", file.display());
+        eprintln!("{}", crate::data::skip_message(file, *line, reason));
     }
     Ok(data)
 }
@@ -171,8 +171,8 @@ fn take_tensors(prefix: &str, n: usize, from: &mut BTreeMap<String, ArrayD<f32>>
 pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
     let model = Model::load(&opts.weights)?;
     let data = Dataset::load(&opts.data)?;
-    let train_images = data.images("train")?;
-    let val_images = data.images("val")?;
+    let train_images = data.labelled_images("train")?;
+    let val_images = data.labelled_images("val")?;
     if train_images.is_empty() {
         bail!("the train split of {} has no images", opts.data.display());
     }
