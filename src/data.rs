@@ -117,8 +117,8 @@ impl Dataset {
     pub fn labelled_images(&self, split: &str) -> Result<Vec<PathBuf>> {
         let images = self.images(split)?;
         let scan = scan_labels(&images, self.nc());
-        if !images.is_empty() && scan.found == 0 {
-            bail!("{}", no_labels_message(split, &self.yaml, &images));
+        if !images.is_empty() && scan.found == scan.bad_files {
+            bail!("{}", no_labels_message(split, &self.yaml, &images, scan.bad_files));
         }
         if let Some(line) = scan.summary(split) {
             eprintln!("{line}");
@@ -224,15 +224,16 @@ fn collect_images(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf
 }
 
 /// "no labels found" for a split, naming where labels were looked for.
-fn no_labels_message(split: &str, yaml: &Path, images: &[PathBuf]) -> String {
+fn no_labels_message(split: &str, yaml: &Path, images: &[PathBuf], unreadable: usize) -> String {
     let mut dirs: Vec<PathBuf> = images.iter().filter_map(|i| label_path(i).parent().map(Path::to_path_buf)).collect();
     dirs.sort();
     dirs.dedup();
     let more = if dirs.len() > 3 { format!(" and {} more folders", dirs.len() - 3) } else { String::new() };
     let shown: Vec<String> = dirs.iter().take(3).map(|d| d.display().to_string()).collect();
     let (img, lbl) = (&images[0], label_path(&images[0]));
+    let unreadable = if unreadable > 0 { format!(" ({unreadable} cannot be read)") } else { String::new() };
     format!(
-        "no labels found in {}{more}: expected labels/… next to images/…, one .txt per image (e.g. {} for {}); none of the {} `{split}` images of {} has one",
+        "no labels found in {}{more}: expected labels/… next to images/…, one .txt per image (e.g. {} for {}); none of the {} `{split}` images of {} has a readable one{unreadable}",
         shown.join(", "),
         lbl.display(),
         img.display(),
@@ -271,8 +272,9 @@ pub struct Labels {
     pub segments: usize,
     /// Rows dropped as repeats of an earlier row (also in `skipped`).
     pub duplicates: usize,
-    /// Whether a label file exists for the image (an empty one is a
-    /// background image, like a missing one, but counts as found).
+    /// Whether something exists at the label path (an empty file is a
+    /// background image, like a missing one, but counts as found; one that
+    /// cannot be read counts as found and skipped).
     pub found: bool,
 }
 
@@ -289,9 +291,9 @@ pub fn skip_message(file: &Path, line: usize, reason: &str) -> String {
 /// dropped with a reason and the rest put in `np.unique`'s order, as YOLOv5
 /// does, since the order decides which target wins a shared grid cell.
 pub fn read_labels(path: &Path, nc: usize) -> Result<Labels> {
-    let mut out = Labels::default();
+    let mut out = Labels { found: true, ..Default::default() };
     let bytes = match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Labels::default()),
         Ok(m) if m.is_dir() => {
             out.skipped.push((0, "it is a directory, not a label file".into()));
             return Ok(out);
@@ -308,7 +310,6 @@ pub fn read_labels(path: &Path, nc: usize) -> Result<Labels> {
             }
         },
     };
-    out.found = true;
     let Ok(text) = String::from_utf8(bytes) else {
         out.skipped.push((0, "it is not UTF-8 text (a YOLO label file holds `class x y w h` lines)".into()));
         return Ok(out);
@@ -384,7 +385,8 @@ fn segment_box(xy: &[f32]) -> [f32; 4] {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LabelScan {
     pub images: usize,
-    /// Images with a label file (possibly empty).
+    /// Images with something at their label path (possibly empty, possibly
+    /// unreadable: `bad_files` of them).
     pub found: usize,
     pub segments: usize,
     pub duplicates: usize,
@@ -513,6 +515,11 @@ mod tests {
         let lbl = dir.path().join("labels");
         assert!(err.starts_with(&format!("no labels found in {}: expected labels/… next to images/…", lbl.display())), "{err}");
         assert!(err.contains(&lbl.join("a.txt").display().to_string()) && err.contains("none of the 2 `train` images"), "{err}");
+        // label paths that are folders are no labels either
+        std::fs::create_dir_all(lbl.join("a.txt")).unwrap();
+        let err = format!("{:#}", data.labelled_images("train").unwrap_err());
+        assert!(err.ends_with("has a readable one (1 cannot be read)"), "{err}");
+        std::fs::remove_dir(lbl.join("a.txt")).unwrap();
         // one empty label file (a background image) is a labelled split
         write(&lbl.join("b.txt"), b"");
         assert_eq!(data.labelled_images("train").unwrap().len(), 2);
@@ -578,10 +585,10 @@ mod tests {
         write(&d.join("labels/c.txt"), b"");
         let imgs: Vec<PathBuf> = ["a", "b", "c", "e"].iter().map(|n| d.join(format!("images/{n}.jpg"))).collect();
         let s = scan_labels(&imgs, 1);
-        assert_eq!(s, LabelScan { images: 4, found: 2, segments: 1, duplicates: 1, bad_lines: 1, bad_files: 1 });
+        assert_eq!(s, LabelScan { images: 4, found: 3, segments: 1, duplicates: 1, bad_lines: 1, bad_files: 1 });
         assert_eq!(
             s.summary("train").unwrap(),
-            "train: 4 images, 2 label files: 2 images without a label file (background), 1 polygon label converted to boxes, 1 duplicate label removed, 1 bad label line skipped, 1 unreadable label file skipped"
+            "train: 4 images, 3 label files: 1 image without a label file (background), 1 polygon label converted to boxes, 1 duplicate label removed, 1 bad label line skipped, 1 unreadable label file skipped"
         );
     }
 
