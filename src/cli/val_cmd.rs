@@ -81,6 +81,7 @@ pub fn run(a: ValArgs) -> Result<()> {
         dtype: a.dtype,
         losses: a.path == ValPath::Fast,
         progress: !a.json,
+        warn_labels: true,
     };
     let (report, engine, cache_dir) = match a.path {
         ValPath::Full => {

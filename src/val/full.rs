@@ -42,7 +42,7 @@ pub fn validate_full(model: &Model, head: &Head, images: &[PathBuf], imgsz: usiz
         lb.write_chw(input.as_slice_mut().unwrap());
         let out = engine.run(input.view())?.remove(0);
         let out = out.into_dimensionality::<Ix3>().with_context(|| format!("the exported model's output0 is not [batch, anchors, 5 + nc] on {}", path.display()))?;
-        acc.add(evaluate_image(out.index_axis(Axis(0), 0), &lb.meta, path, head.nc, opts)?, &bar);
+        acc.add(evaluate_image(out.index_axis(Axis(0), 0), &lb.meta, path, head.nc, opts)?, opts.warn_labels.then_some(&bar));
     }
     bar.finish_and_clear();
     let mut report = acc.finish(head, None, start);

@@ -51,11 +51,14 @@ pub struct ValOptions {
     /// Compute box/obj/cls losses (the fast path only).
     pub losses: bool,
     pub progress: bool,
+    /// Print each skipped label line. Off by default: the trainer validates
+    /// every epoch and has printed them once already.
+    pub warn_labels: bool,
 }
 
 impl Default for ValOptions {
     fn default() -> Self {
-        ValOptions { conf_thres: 0.001, iou_thres: 0.6, max_det: 300, batch_size: 32, dtype: Dtype::F16, losses: true, progress: false }
+        ValOptions { conf_thres: 0.001, iou_thres: 0.6, max_det: 300, batch_size: 32, dtype: Dtype::F16, losses: true, progress: false, warn_labels: false }
     }
 }
 
@@ -153,7 +156,7 @@ pub fn validate_items(head: &Head, items: &[ValItem], opts: &ValOptions) -> Resu
         }
         batches += 1;
         for r in results {
-            acc.add(r, &bar);
+            acc.add(r, opts.warn_labels.then_some(&bar));
         }
         bar.inc(chunk.len() as u64);
     }
@@ -288,10 +291,12 @@ impl Accumulator {
         Accumulator { stats: ValStats::new(head.nc), skipped_labels: Vec::new(), segments: 0 }
     }
 
-    /// Adds one image; its label warnings print above `bar`.
-    pub fn add(&mut self, r: ImageResult, bar: &indicatif::ProgressBar) {
-        for s in &r.skipped_labels {
-            bar.suspend(|| eprintln!("{}", data::skip_message(&s.file, s.line, &s.reason)));
+    /// Adds one image; with a bar, its label warnings print above it.
+    pub fn add(&mut self, r: ImageResult, warn_above: Option<&indicatif::ProgressBar>) {
+        if let Some(bar) = warn_above {
+            for s in &r.skipped_labels {
+                bar.suspend(|| eprintln!("{}", data::skip_message(&s.file, s.line, &s.reason)));
+            }
         }
         self.skipped_labels.extend(r.skipped_labels);
         self.segments += r.segments;

@@ -97,6 +97,39 @@ fn a_roboflow_export_caches_and_validates_as_it_ships() {
     assert_eq!(err.lines().last().unwrap(), format!("error: {} has no `valid` split; the splits it defines: test, train, val", yaml.display()));
 }
 
+/// Training prints each label problem once, not once per validation, and
+/// refuses a train split without labels before any caching.
+#[test]
+fn train_warns_once_and_refuses_a_split_without_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = roboflow(dir.path());
+    let train = |yaml: &Path| {
+        Command::new(common::bin())
+            .args(["train", "--engine", "tract", "--epochs", "2", "--batch-size", "4", "--weights"])
+            .arg(common::root().join(MODEL))
+            .arg("--data")
+            .arg(yaml)
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .arg("--project")
+            .arg(dir.path().join("runs"))
+            .output()
+            .unwrap()
+    };
+    let out = train(&yaml);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.matches("duplicate of line 1, removed").count(), 1, "{err}");
+    assert!(err.contains("val: 4 images, 4 label files: 2 polygon labels converted to boxes"), "{err}");
+
+    std::fs::remove_dir_all(dir.path().join("train/labels")).unwrap();
+    let out = train(&yaml);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let want = format!("error: no labels found in {}: expected labels/… next to images/…", dir.path().join("train/labels").display());
+    assert!(err.lines().last().unwrap().starts_with(&want), "{err}");
+}
+
 #[cfg(unix)]
 #[test]
 fn a_fifo_and_a_symlink_loop_among_the_images_neither_hang_nor_repeat() {
