@@ -4,12 +4,20 @@
 //! As in YOLOv5, a split is a directory, a `.txt` list of images, or a list of
 //! either; a label file is the image path with the last `/images/` replaced by
 //! `/labels/` and the extension by `.txt`. A relative `path:` is taken relative
-//! to the yaml file.
+//! to the yaml file; a split `../x` that does not exist is retried as `x`, as
+//! YOLOv5's `check_dataset` does (Roboflow's data.yaml says `train:
+//! ../train/images` next to a `train/` folder).
+//!
+//! Only regular files are listed as images (a FIFO or device named `x.jpg`
+//! would hang or never end), and a directory is listed once however many
+//! symlinks lead to it. Label problems never abort a run: a bad line, a
+//! duplicate row or an unreadable file is skipped with a reason and counted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use rayon::prelude::*;
 use serde::Deserialize;
 
 pub const IMG_FORMATS: &[&str] = &["bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm"];
@@ -19,6 +27,8 @@ pub struct Dataset {
     pub yaml: PathBuf,
     pub root: PathBuf,
     pub names: Vec<String>,
+    /// What `load` resolved differently from the yaml's words (also printed).
+    pub notes: Vec<String>,
     splits: BTreeMap<String, Vec<PathBuf>>,
 }
 
@@ -43,31 +53,9 @@ impl Dataset {
             Some(p) => base.join(p),
             None => base.to_path_buf(),
         };
-        let names: Vec<String> = match &raw.names {
-            Some(serde_yaml::Value::Sequence(s)) => s.iter().map(yaml_scalar).collect(),
-            Some(serde_yaml::Value::Mapping(m)) => {
-                let mut pairs: Vec<(usize, String)> = m
-                    .iter()
-                    .map(|(k, v)| Ok((k.as_u64().with_context(|| format!("{}: class ids in `names` must be integers", yaml.display()))? as usize, yaml_scalar(v))))
-                    .collect::<Result<_>>()?;
-                pairs.sort();
-                if pairs.iter().enumerate().any(|(i, (k, _))| i != *k) {
-                    bail!("{}: `names` must number classes 0..nc-1 without gaps", yaml.display());
-                }
-                pairs.into_iter().map(|(_, n)| n).collect()
-            }
-            Some(_) => bail!("{}: `names` must be a list or a mapping", yaml.display()),
-            None => match raw.nc {
-                Some(nc) => (0..nc).map(|i| format!("class{i}")).collect(),
-                None => bail!("{}: neither `names` nor `nc` is given", yaml.display()),
-            },
-        };
-        if let Some(nc) = raw.nc
-            && nc != names.len()
-        {
-            bail!("{}: nc is {nc} but `names` lists {} classes", yaml.display(), names.len());
-        }
+        let names = class_names(&raw, yaml)?;
         let mut splits = BTreeMap::new();
+        let mut notes = Vec::new();
         for (key, value) in [("train", &raw.train), ("val", &raw.val), ("test", &raw.test)] {
             if let Some(v) = value {
                 let entries: Vec<String> = match v {
@@ -75,23 +63,36 @@ impl Dataset {
                     serde_yaml::Value::Null => continue,
                     other => vec![yaml_scalar(other)],
                 };
-                splits.insert(key.to_string(), entries.iter().map(|e| if Path::new(e).is_absolute() { PathBuf::from(e) } else { root.join(e) }).collect());
+                let paths = entries.iter().map(|e| split_path(&root, key, e, yaml, &mut notes)).collect();
+                splits.insert(key.to_string(), paths);
             }
         }
-        Ok(Dataset { yaml: yaml.to_path_buf(), root, names, splits })
+        for n in &notes {
+            eprintln!("note: {n}");
+        }
+        Ok(Dataset { yaml: yaml.to_path_buf(), root, names, notes, splits })
     }
 
     pub fn nc(&self) -> usize {
         self.names.len()
     }
 
+    /// The split names the yaml defines, in order.
+    pub fn split_names(&self) -> Vec<&str> {
+        self.splits.keys().map(String::as_str).collect()
+    }
+
     /// All images of a split, sorted, as YOLOv5 lists them.
     pub fn images(&self, split: &str) -> Result<Vec<PathBuf>> {
-        let sources = self.splits.get(split).with_context(|| format!("{} has no `{split}` split", self.yaml.display()))?;
+        let Some(sources) = self.splits.get(split) else {
+            let have = self.split_names();
+            let have = if have.is_empty() { "none".to_string() } else { have.join(", ") };
+            bail!("{} has no `{split}` split; the splits it defines: {have}", self.yaml.display());
+        };
         let mut files = Vec::new();
         for src in sources {
             if src.is_dir() {
-                collect_images(src, &mut files).with_context(|| format!("cannot list {}", src.display()))?;
+                collect_images(src, &mut files, &mut HashSet::new()).with_context(|| format!("cannot list {}", src.display()))?;
             } else if src.extension().is_some_and(|e| e == "txt") && src.is_file() {
                 let parent = src.parent().unwrap_or(Path::new("."));
                 for line in std::fs::read_to_string(src)?.lines().map(str::trim).filter(|l| !l.is_empty()) {
@@ -102,11 +103,78 @@ impl Dataset {
                 bail!("{}: the `{split}` path {} does not exist", self.yaml.display(), src.display());
             }
         }
-        files.retain(|f| is_image(f));
+        files.retain(|f| is_image(f) && !not_a_regular_file(f));
         files.sort();
         files.dedup();
         Ok(files)
     }
+
+    /// The images of a split that labels are read for (training and
+    /// validation). Refuses, as YOLOv5's dataloader does, a split where no
+    /// image has a label file: that trains to zero losses and validates to
+    /// zero metrics. Prints one line of label counts when any label was
+    /// converted, dropped or not found.
+    pub fn labelled_images(&self, split: &str) -> Result<Vec<PathBuf>> {
+        let images = self.images(split)?;
+        let scan = scan_labels(&images, self.nc());
+        if !images.is_empty() && scan.found == scan.bad_files {
+            bail!("{}", no_labels_message(split, &self.yaml, &images, scan.bad_files));
+        }
+        if let Some(line) = scan.summary(split) {
+            eprintln!("{line}");
+        }
+        Ok(images)
+    }
+}
+
+/// A train/val/test entry of the yaml as a path, retried without a leading
+/// `../` when it does not exist (YOLOv5's `check_dataset`, for Roboflow).
+fn split_path(root: &Path, key: &str, entry: &str, yaml: &Path, notes: &mut Vec<String>) -> PathBuf {
+    if Path::new(entry).is_absolute() {
+        return PathBuf::from(entry);
+    }
+    let p = root.join(entry);
+    if !p.exists()
+        && let Some(rest) = entry.strip_prefix("../")
+        && root.join(rest).exists()
+    {
+        let alt = root.join(rest);
+        notes.push(format!(
+            "{}: `{key}: {entry}` does not exist; using {} instead (YOLOv5 retries without the leading ../, the layout of Roboflow exports)",
+            yaml.display(),
+            alt.display()
+        ));
+        return alt;
+    }
+    p
+}
+
+fn class_names(raw: &RawYaml, yaml: &Path) -> Result<Vec<String>> {
+    let names: Vec<String> = match &raw.names {
+        Some(serde_yaml::Value::Sequence(s)) => s.iter().map(yaml_scalar).collect(),
+        Some(serde_yaml::Value::Mapping(m)) => {
+            let mut pairs: Vec<(usize, String)> = m
+                .iter()
+                .map(|(k, v)| Ok((k.as_u64().with_context(|| format!("{}: class ids in `names` must be integers", yaml.display()))? as usize, yaml_scalar(v))))
+                .collect::<Result<_>>()?;
+            pairs.sort();
+            if pairs.iter().enumerate().any(|(i, (k, _))| i != *k) {
+                bail!("{}: `names` must number classes 0..nc-1 without gaps", yaml.display());
+            }
+            pairs.into_iter().map(|(_, n)| n).collect()
+        }
+        Some(_) => bail!("{}: `names` must be a list or a mapping", yaml.display()),
+        None => match raw.nc {
+            Some(nc) => (0..nc).map(|i| format!("class{i}")).collect(),
+            None => bail!("{}: neither `names` nor `nc` is given", yaml.display()),
+        },
+    };
+    if let Some(nc) = raw.nc
+        && nc != names.len()
+    {
+        bail!("{}: nc is {nc} but `names` lists {} classes", yaml.display(), names.len());
+    }
+    Ok(names)
 }
 
 fn yaml_scalar(v: &serde_yaml::Value) -> String {
@@ -122,16 +190,56 @@ fn is_image(p: &Path) -> bool {
     p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMG_FORMATS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
+/// True (with a warning) for a path that exists but is no regular file, e.g.
+/// a FIFO or `/dev/zero` behind an image name: reading it would hang or never
+/// end. A missing file is left to the reader, which skips and counts it.
+fn not_a_regular_file(p: &Path) -> bool {
+    match std::fs::metadata(p) {
+        Ok(m) if !m.is_file() => {
+            eprintln!("warning: skipping {}: {}", p.display(), crate::fsutil::not_regular_reason(&m));
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Lists images under `dir`; `seen` holds the directories already listed (by
+/// their real path), so a symlink loop or two links to one folder list it once.
+fn collect_images(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>) -> Result<()> {
+    if !seen.insert(std::fs::canonicalize(dir)?) {
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<std::io::Result<_>>()?;
+    // sorted, so that which of two links to one folder is kept does not
+    // depend on the directory's order
+    entries.sort();
+    for p in entries {
         if p.is_dir() {
-            collect_images(&p, out)?;
+            collect_images(&p, out, seen)?;
         } else if is_image(&p) {
             out.push(p);
         }
     }
     Ok(())
+}
+
+/// "no labels found" for a split, naming where labels were looked for.
+fn no_labels_message(split: &str, yaml: &Path, images: &[PathBuf], unreadable: usize) -> String {
+    let mut dirs: Vec<PathBuf> = images.iter().filter_map(|i| label_path(i).parent().map(Path::to_path_buf)).collect();
+    dirs.sort();
+    dirs.dedup();
+    let more = if dirs.len() > 3 { format!(" and {} more folders", dirs.len() - 3) } else { String::new() };
+    let shown: Vec<String> = dirs.iter().take(3).map(|d| d.display().to_string()).collect();
+    let (img, lbl) = (&images[0], label_path(&images[0]));
+    let unreadable = if unreadable > 0 { format!(" ({unreadable} cannot be read)") } else { String::new() };
+    format!(
+        "no labels found in {}{more}: expected labels/… next to images/…, one .txt per image (e.g. {} for {}); none of the {} `{split}` images of {} has a readable one{unreadable}",
+        shown.join(", "),
+        lbl.display(),
+        img.display(),
+        images.len(),
+        yaml.display()
+    )
 }
 
 /// YOLOv5's `img2label_paths`.
@@ -157,40 +265,93 @@ pub struct Label {
 #[derive(Debug, Clone, Default)]
 pub struct Labels {
     pub boxes: Vec<Label>,
-    /// `(line number, reason)`
+    /// `(line number, reason)`; line 0 is the whole file (unreadable, a
+    /// directory, not UTF-8 text).
     pub skipped: Vec<(usize, String)>,
+    /// Polygon lines converted to their bounding boxes.
+    pub segments: usize,
+    /// Rows dropped as repeats of an earlier row (also in `skipped`).
+    pub duplicates: usize,
+    /// Whether something exists at the label path (an empty file is a
+    /// background image, like a missing one, but counts as found; one that
+    /// cannot be read counts as found and skipped).
+    pub found: bool,
+}
+
+/// The warning for a skipped label line (`line` 0: the whole file).
+pub fn skip_message(file: &Path, line: usize, reason: &str) -> String {
+    if line == 0 { format!("warning: {}: {reason}; label file skipped", file.display()) } else { format!("warning: {}:{line}: {reason}; line skipped", file.display()) }
 }
 
 /// Reads a YOLO label file; a missing file means no objects (a background
 /// image). Bad lines are skipped with a reason, as YOLOv5's `verify_image_label`
-/// rejects them; duplicate rows are dropped as YOLOv5 does.
+/// rejects them; a file that cannot be read as text is skipped whole (line 0),
+/// so nothing here fails a run. Polygon lines (`cls x1 y1 x2 y2 ...`, more than
+/// 6 values) become their bounding boxes (`segments2boxes`). Repeated rows are
+/// dropped with a reason and the rest put in `np.unique`'s order, as YOLOv5
+/// does, since the order decides which target wins a shared grid cell.
 pub fn read_labels(path: &Path, nc: usize) -> Result<Labels> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    let mut out = Labels { found: true, ..Default::default() };
+    let bytes = match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Labels::default()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        Ok(m) if m.is_dir() => {
+            out.skipped.push((0, "it is a directory, not a label file".into()));
+            return Ok(out);
+        }
+        Ok(m) if !m.is_file() => {
+            out.skipped.push((0, crate::fsutil::not_regular_reason(&m)));
+            return Ok(out);
+        }
+        _ => match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                out.skipped.push((0, format!("cannot read it ({e})")));
+                return Ok(out);
+            }
+        },
     };
-    let mut out = Labels::default();
+    let Ok(text) = String::from_utf8(bytes) else {
+        out.skipped.push((0, "it is not UTF-8 text (a YOLO label file holds `class x y w h` lines)".into()));
+        return Ok(out);
+    };
+    let mut rows: Vec<(usize, Label)> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         if fields.is_empty() {
             continue;
         }
         match parse_label(&fields, nc) {
-            Ok(l) => {
-                if !out.boxes.contains(&l) {
-                    out.boxes.push(l)
+            Ok((l, segment)) => {
+                out.segments += segment as usize;
+                match rows.iter().find(|(_, r)| *r == l) {
+                    Some((first, _)) => {
+                        out.duplicates += 1;
+                        out.skipped.push((i + 1, format!("duplicate of line {first}, removed")));
+                    }
+                    None => rows.push((i + 1, l)),
                 }
             }
             Err(reason) => out.skipped.push((i + 1, reason)),
         }
     }
+    if out.duplicates > 0 {
+        // np.unique(lb, axis=0): rows sorted lexicographically
+        rows.sort_by(|(_, a), (_, b)| (a.class as f32).total_cmp(&(b.class as f32)).then_with(|| a.xywh.iter().zip(&b.xywh).map(|(x, y)| x.total_cmp(y)).find(|o| o.is_ne()).unwrap_or(std::cmp::Ordering::Equal)));
+    }
+    out.boxes = rows.into_iter().map(|(_, l)| l).collect();
     Ok(out)
 }
 
-fn parse_label(fields: &[&str], nc: usize) -> std::result::Result<Label, String> {
-    if fields.len() != 5 {
-        return Err(format!("expected 5 values (class x y w h), found {} (segments are not supported)", fields.len()));
+/// One line as a box; `true` when it was a polygon. YOLOv5 turns every line of
+/// a file into a polygon once any line is one, so a box line next to polygons
+/// becomes a box from (x, y) to (w, h) there; here each line keeps its kind.
+fn parse_label(fields: &[&str], nc: usize) -> std::result::Result<(Label, bool), String> {
+    let segment = fields.len() > 6;
+    if !segment && fields.len() != 5 {
+        return Err(format!("expected 5 values (class x y w h) or a polygon (class x1 y1 x2 y2 x3 y3 ...), found {}", fields.len()));
+    }
+    if segment && fields.len() % 2 == 0 {
+        return Err(format!("a polygon needs x y pairs after the class, found {} coordinates", fields.len() - 1));
     }
     let v: Vec<f32> = fields.iter().map(|f| f.parse::<f32>().map_err(|_| format!("`{f}` is not a number"))).collect::<std::result::Result<_, _>>()?;
     if v.iter().any(|x| !x.is_finite()) {
@@ -203,15 +364,91 @@ fn parse_label(fields: &[&str], nc: usize) -> std::result::Result<Label, String>
     if class >= nc {
         return Err(format!("class {class} is not below nc = {nc}"));
     }
-    if v[1..].iter().any(|&x| !(0.0..=1.0).contains(&x)) {
-        return Err("coordinates are not normalised to [0, 1]".into());
+    let xywh = if segment { segment_box(&v[1..]) } else { [v[1], v[2], v[3], v[4]] };
+    // checked after the conversion, as YOLOv5 checks the converted boxes
+    if xywh.iter().any(|&x| !(0.0..=1.0).contains(&x)) {
+        return Err(if segment { "polygon points are not normalised to [0, 1]".into() } else { "coordinates are not normalised to [0, 1]".into() });
     }
-    Ok(Label { class, xywh: [v[1], v[2], v[3], v[4]] })
+    Ok((Label { class, xywh }, segment))
+}
+
+/// `segments2boxes`: the min/max of the points, as xywh (f32, as numpy).
+fn segment_box(xy: &[f32]) -> [f32; 4] {
+    let (mut x1, mut y1, mut x2, mut y2) = (f32::INFINITY, f32::INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for p in xy.chunks_exact(2) {
+        (x1, x2, y1, y2) = (x1.min(p[0]), x2.max(p[0]), y1.min(p[1]), y2.max(p[1]));
+    }
+    [(x1 + x2) / 2.0, (y1 + y2) / 2.0, x2 - x1, y2 - y1]
+}
+
+/// The label counts of a split, as YOLOv5's "Scanning ..." line gives them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LabelScan {
+    pub images: usize,
+    /// Images with something at their label path (possibly empty, possibly
+    /// unreadable: `bad_files` of them).
+    pub found: usize,
+    pub segments: usize,
+    pub duplicates: usize,
+    /// Skipped lines, duplicates excluded.
+    pub bad_lines: usize,
+    /// Label files skipped whole.
+    pub bad_files: usize,
+}
+
+pub fn scan_labels(images: &[PathBuf], nc: usize) -> LabelScan {
+    let all: Vec<Labels> = images.par_iter().map(|i| read_labels(&label_path(i), nc).unwrap_or_default()).collect();
+    let mut s = LabelScan { images: images.len(), ..Default::default() };
+    for l in &all {
+        s.found += l.found as usize;
+        s.segments += l.segments;
+        s.duplicates += l.duplicates;
+        s.bad_files += l.skipped.iter().filter(|(line, _)| *line == 0).count();
+        s.bad_lines += l.skipped.iter().filter(|(line, _)| *line > 0).count() - l.duplicates;
+    }
+    s
+}
+
+impl LabelScan {
+    /// One line for the log, or None when every image has a clean label file.
+    pub fn summary(&self, split: &str) -> Option<String> {
+        let mut parts = Vec::new();
+        let missing = self.images - self.found;
+        let plural = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+        if missing > 0 {
+            parts.push(format!("{} (background)", plural(missing, "image without a label file", "images without a label file")));
+        }
+        if self.segments > 0 {
+            parts.push(format!("{} converted to boxes", plural(self.segments, "polygon label", "polygon labels")));
+        }
+        if self.duplicates > 0 {
+            parts.push(format!("{} removed", plural(self.duplicates, "duplicate label", "duplicate labels")));
+        }
+        if self.bad_lines > 0 {
+            parts.push(format!("{} skipped", plural(self.bad_lines, "bad label line", "bad label lines")));
+        }
+        if self.bad_files > 0 {
+            parts.push(format!("{} skipped", plural(self.bad_files, "unreadable label file", "unreadable label files")));
+        }
+        (!parts.is_empty()).then(|| format!("{split}: {} images, {} label files: {}", self.images, self.found, parts.join(", ")))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write(p: &Path, text: &[u8]) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    /// `images/a.jpg`.. under `dir` (the bytes are never decoded here).
+    fn images(dir: &Path, names: &[&str]) {
+        for n in names {
+            write(&dir.join("images").join(n), b"not decoded");
+        }
+    }
 
     #[test]
     fn label_path_swaps_the_last_images_dir() {
@@ -225,6 +462,153 @@ mod tests {
         std::fs::write(&p, "0 0.5 0.5 0.1 0.1\n7 0.5 0.5 0.1 0.1\n1 1.5 0.5 0.1 0.1\n1 nan 0.5 0.1 0.1\n1 0.5 0.5\n0 0.5 0.5 0.1 0.1\n").unwrap();
         let l = read_labels(&p, 5).unwrap();
         assert_eq!(l.boxes.len(), 1);
-        assert_eq!(l.skipped.iter().map(|s| s.0).collect::<Vec<_>>(), vec![2, 3, 4, 5]);
+        assert_eq!(l.skipped.iter().map(|s| s.0).collect::<Vec<_>>(), vec![2, 3, 4, 5, 6]);
+        assert_eq!(l.skipped[4].1, "duplicate of line 1, removed");
+        assert_eq!(l.duplicates, 1);
+    }
+
+    /// A Roboflow "YOLOv5 PyTorch" zip as it ships: data.yaml at the top
+    /// saying `../train/images`, and train/, valid/, test/ beside it.
+    #[test]
+    fn roboflow_exports_resolve_without_the_leading_dotdot() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(&d.join("data.yaml"), b"train: ../train/images\nval: ../valid/images\ntest: ../test/images\n\nnc: 2\nnames: ['car', 'truck']\n\nroboflow:\n  workspace: w\n  project: p\n  version: 1\n  license: CC BY 4.0\n  url: https://universe.roboflow.com/w/p/dataset/1\n");
+        for (split, n) in [("train", 3), ("valid", 2), ("test", 1)] {
+            for i in 0..n {
+                write(&d.join(format!("{split}/images/{split}{i}_jpg.rf.abc.jpg")), b"x");
+                write(&d.join(format!("{split}/labels/{split}{i}_jpg.rf.abc.txt")), b"0 0.5 0.5 0.2 0.2\n");
+            }
+        }
+        let data = Dataset::load(&d.join("data.yaml")).unwrap();
+        assert_eq!(data.names, ["car", "truck"]);
+        let counts: Vec<usize> = ["train", "val", "test"].iter().map(|s| data.labelled_images(s).unwrap().len()).collect();
+        assert_eq!(counts, [3, 2, 1]);
+        assert_eq!(data.notes.len(), 3);
+        assert!(data.notes[0].contains("`train: ../train/images` does not exist; using") && data.notes[0].contains("Roboflow"), "{}", data.notes[0]);
+        // a ../ that does exist is taken as written
+        let sub = d.join("yamls");
+        write(&sub.join("data.yaml"), b"train: ../train/images\nval: ../valid/images\nnames: [car, truck]\n");
+        let data = Dataset::load(&sub.join("data.yaml")).unwrap();
+        assert!(data.notes.is_empty());
+        assert_eq!(data.images("train").unwrap()[0], sub.join("../train/images/train0_jpg.rf.abc.jpg"));
+    }
+
+    #[test]
+    fn a_missing_split_names_the_splits_there_are() {
+        let dir = tempfile::tempdir().unwrap();
+        images(dir.path(), &["a.jpg"]);
+        write(&dir.path().join("data.yaml"), b"train: images\nval: images\nnames: [a]\n");
+        let data = Dataset::load(&dir.path().join("data.yaml")).unwrap();
+        let err = format!("{:#}", data.images("valid").unwrap_err());
+        assert!(err.ends_with("has no `valid` split; the splits it defines: train, val"), "{err}");
+    }
+
+    #[test]
+    fn a_split_without_any_label_file_is_refused_naming_where_they_were_looked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        images(dir.path(), &["a.jpg", "b.png"]);
+        std::fs::create_dir_all(dir.path().join("labels")).unwrap();
+        write(&dir.path().join("data.yaml"), b"train: images\nval: images\nnames: [a]\n");
+        let data = Dataset::load(&dir.path().join("data.yaml")).unwrap();
+        let err = format!("{:#}", data.labelled_images("train").unwrap_err());
+        let lbl = dir.path().join("labels");
+        assert!(err.starts_with(&format!("no labels found in {}: expected labels/… next to images/…", lbl.display())), "{err}");
+        assert!(err.contains(&lbl.join("a.txt").display().to_string()) && err.contains("none of the 2 `train` images"), "{err}");
+        // label paths that are folders are no labels either
+        std::fs::create_dir_all(lbl.join("a.txt")).unwrap();
+        let err = format!("{:#}", data.labelled_images("train").unwrap_err());
+        assert!(err.ends_with("has a readable one (1 cannot be read)"), "{err}");
+        std::fs::remove_dir(lbl.join("a.txt")).unwrap();
+        // one empty label file (a background image) is a labelled split
+        write(&lbl.join("b.txt"), b"");
+        assert_eq!(data.labelled_images("train").unwrap().len(), 2);
+        // the plain listing (what `cache` reads) never needed labels
+        std::fs::remove_file(lbl.join("b.txt")).unwrap();
+        assert_eq!(data.images("train").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn polygons_become_their_bounding_boxes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.txt");
+        // a triangle, a quadrilateral, an odd coordinate count, a box line
+        std::fs::write(&p, "1 0.1 0.2 0.5 0.2 0.3 0.6\n0 0.25 0.75 0.75 0.75 0.75 0.25 0.25 0.25\n0 0.1 0.2 0.3 0.4 0.5 0.6 0.7\n2 0.5 0.5 0.2 0.2\n").unwrap();
+        let l = read_labels(&p, 3).unwrap();
+        assert_eq!(l.segments, 2);
+        let (x1, y1, x2, y2) = (0.1f32, 0.2f32, 0.5f32, 0.6f32);
+        assert_eq!(l.boxes[0], Label { class: 1, xywh: [(x1 + x2) / 2.0, (y1 + y2) / 2.0, x2 - x1, y2 - y1] });
+        assert_eq!(l.boxes[1], Label { class: 0, xywh: [0.5, 0.5, 0.5, 0.5] });
+        assert_eq!(l.boxes[2], Label { class: 2, xywh: [0.5, 0.5, 0.2, 0.2] });
+        assert_eq!(l.skipped.len(), 1);
+        assert!(l.skipped[0].0 == 3 && l.skipped[0].1.contains("x y pairs"), "{:?}", l.skipped);
+        // points outside the image give a box outside it: skipped, as YOLOv5's check
+        std::fs::write(&p, "0 0.1 0.2 1.5 0.2 0.3 0.6\n").unwrap();
+        assert!(read_labels(&p, 3).unwrap().skipped[0].1.contains("polygon points are not normalised"));
+    }
+
+    #[test]
+    fn duplicates_leave_the_rows_in_np_unique_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.txt");
+        std::fs::write(&p, "2 0.5 0.5 0.2 0.2\n0 0.7 0.5 0.2 0.2\n2 0.5 0.5 0.2 0.2\n0 0.3 0.5 0.2 0.2\n").unwrap();
+        let l = read_labels(&p, 3).unwrap();
+        let xs: Vec<(usize, f32)> = l.boxes.iter().map(|b| (b.class, b.xywh[0])).collect();
+        assert_eq!(xs, [(0, 0.3), (0, 0.7), (2, 0.5)]);
+        assert_eq!(l.skipped, [(3, "duplicate of line 1, removed".to_string())]);
+        // without duplicates the file's order stays (YOLOv5 only reindexes then)
+        std::fs::write(&p, "2 0.5 0.5 0.2 0.2\n0 0.7 0.5 0.2 0.2\n").unwrap();
+        assert_eq!(read_labels(&p, 3).unwrap().boxes[0].class, 2);
+    }
+
+    #[test]
+    fn an_unreadable_label_file_is_skipped_whole_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let is_dir = dir.path().join("labels/a.txt");
+        std::fs::create_dir_all(&is_dir).unwrap();
+        let l = read_labels(&is_dir, 3).unwrap();
+        assert!(l.boxes.is_empty() && l.skipped == [(0, "it is a directory, not a label file".to_string())], "{:?}", l.skipped);
+        let latin1 = dir.path().join("labels/b.txt");
+        std::fs::write(&latin1, b"0 0.5 0.5 0.2 0.2 \xe9t\xe9\n").unwrap();
+        let l = read_labels(&latin1, 3).unwrap();
+        assert!(l.found && l.skipped[0].0 == 0 && l.skipped[0].1.contains("not UTF-8"), "{:?}", l.skipped);
+        assert_eq!(skip_message(&latin1, 0, "x"), format!("warning: {}: x; label file skipped", latin1.display()));
+    }
+
+    #[test]
+    fn the_label_scan_counts_what_a_user_should_know() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        images(d, &["a.jpg", "b.jpg", "c.jpg", "e.jpg"]);
+        write(&d.join("labels/a.txt"), b"0 0.1 0.1 0.2 0.1 0.2 0.2\n0 0.5 0.5 0.1 0.1\n0 0.5 0.5 0.1 0.1\n9 0.5 0.5 0.1 0.1\n");
+        std::fs::create_dir_all(d.join("labels/b.txt")).unwrap();
+        write(&d.join("labels/c.txt"), b"");
+        let imgs: Vec<PathBuf> = ["a", "b", "c", "e"].iter().map(|n| d.join(format!("images/{n}.jpg"))).collect();
+        let s = scan_labels(&imgs, 1);
+        assert_eq!(s, LabelScan { images: 4, found: 3, segments: 1, duplicates: 1, bad_lines: 1, bad_files: 1 });
+        assert_eq!(
+            s.summary("train").unwrap(),
+            "train: 4 images, 3 label files: 1 image without a label file (background), 1 polygon label converted to boxes, 1 duplicate label removed, 1 bad label line skipped, 1 unreadable label file skipped"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlink_loops_and_fifos_are_not_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        images(d, &["a.jpg", "sub/b.jpg"]);
+        std::os::unix::fs::symlink(d.join("images"), d.join("images/sub/loop")).unwrap();
+        std::os::unix::fs::symlink(d.join("images/sub"), d.join("images/again")).unwrap();
+        let fifo = d.join("images/pipe.jpg");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        std::os::unix::fs::symlink("/dev/zero", d.join("images/zero.png")).unwrap();
+        write(&d.join("data.yaml"), b"train: images\nnames: [a]\n");
+        let data = Dataset::load(&d.join("data.yaml")).unwrap();
+        let listed = data.images("train").unwrap();
+        assert_eq!(listed, [d.join("images/a.jpg"), d.join("images/again/b.jpg")]);
+        let err = crate::fsutil::read_regular(&fifo).unwrap_err();
+        assert_eq!(err.to_string(), "it is a FIFO, not a regular file");
+        assert_eq!(crate::fsutil::read_regular(Path::new("/dev/zero")).unwrap_err().to_string(), "it is a device, not a regular file");
     }
 }

@@ -7,6 +7,8 @@
 //! enlarging (half-pixel centres, 11-bit fixed-point weights). The rounding of
 //! sizes and padding follows the Python code, including Python's `round`
 //! (half to even).
+//!
+//! Images above `MAX_PIXELS` are refused from their header, before decoding.
 
 use std::path::Path;
 
@@ -85,9 +87,14 @@ impl Letterboxed {
     }
 }
 
+/// PIL's decompression-bomb limit (`2 * Image.MAX_IMAGE_PIXELS`), above which
+/// YOLOv5's image check (`Image.open`) refuses an image: a 6 MB PNG can hold
+/// 46000x46000 pixels, 6 GB once decoded.
+pub const MAX_PIXELS: u64 = 2 * 89_478_485;
+
 /// Decodes an image file to RGB, applying EXIF orientation as `cv2.imread` does.
 pub fn decode(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = crate::fsutil::read_regular(path).with_context(|| format!("cannot read {}", path.display()))?;
     decode_bytes(&bytes).with_context(|| format!("{} is not a readable image", path.display()))
 }
 
@@ -100,6 +107,11 @@ pub fn decode_bytes(bytes: &[u8]) -> Result<RgbImage> {
     }
     let reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
     let mut decoder = reader.into_decoder()?;
+    // from the header, before anything is allocated for the pixels
+    let (w, h) = decoder.dimensions();
+    if w as u64 * h as u64 > MAX_PIXELS {
+        bail!("the image is {w}x{h} ({:.1} Mpixel), above the {:.1} Mpixel limit YOLOv5 (PIL) accepts", (w as f64 * h as f64) / 1e6, MAX_PIXELS as f64 / 1e6);
+    }
     let orientation = decoder.orientation().ok();
     let mut img = DynamicImage::from_decoder(decoder)?;
     if let Some(o) = orientation {
@@ -286,6 +298,55 @@ mod tests {
         assert!(!is_truncated_jpeg(&jpg));
         assert!(is_truncated_jpeg(&jpg[..6]));
         assert!(!is_truncated_jpeg(b"\x89PNG"));
+    }
+
+    /// A complete, valid 1-bit grayscale PNG of `w x h` black pixels, with
+    /// the image data in stored (uncompressed) deflate blocks: no encoder
+    /// needed, about `w * h / 8` bytes.
+    fn black_png(w: u32, h: u32) -> Vec<u8> {
+        fn crc32(bytes: &[u8]) -> u32 {
+            let table: Vec<u32> = (0..256u32).map(|n| (0..8).fold(n, |c, _| if c & 1 == 1 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 })).collect();
+            !bytes.iter().fold(!0u32, |c, &b| table[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8))
+        }
+        fn chunk(out: &mut Vec<u8>, kind: &[u8], data: &[u8]) {
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let start = out.len();
+            out.extend_from_slice(kind);
+            out.extend_from_slice(data);
+            let crc = crc32(&out[start..]);
+            out.extend_from_slice(&crc.to_be_bytes());
+        }
+        // every row: filter byte 0, then w bits of 0
+        let raw = vec![0u8; h as usize * (1 + w.div_ceil(8) as usize)];
+        let mut z = vec![0x78, 0x01];
+        let blocks: Vec<&[u8]> = raw.chunks(65535).collect();
+        for (i, b) in blocks.iter().enumerate() {
+            z.push((i + 1 == blocks.len()) as u8);
+            z.extend_from_slice(&(b.len() as u16).to_le_bytes());
+            z.extend_from_slice(&(!(b.len() as u16)).to_le_bytes());
+            z.extend_from_slice(b);
+        }
+        // adler32 of zeros: a = 1, b = len (mod 65521)
+        let adler = ((raw.len() % 65521) as u32) << 16 | 1;
+        z.extend_from_slice(&adler.to_be_bytes());
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = [w.to_be_bytes(), h.to_be_bytes()].concat();
+        ihdr.extend_from_slice(&[1, 0, 0, 0, 0]); // bit depth 1, grayscale
+        chunk(&mut png, b"IHDR", &ihdr);
+        chunk(&mut png, b"IDAT", &z);
+        chunk(&mut png, b"IEND", &[]);
+        png
+    }
+
+    #[test]
+    fn images_above_the_pixel_limit_are_refused_from_the_header() {
+        // the writer itself: a small one decodes to black
+        let small = decode_bytes(&black_png(300, 200)).unwrap();
+        assert_eq!((small.width(), small.height(), small.get_pixel(299, 199).0), (300, 200, [0, 0, 0]));
+        // 13400 x 13400 = 179.56 Mpixel, just above PIL's 178.96; a 22 MB
+        // file that would take 180 MB as L8 and 540 MB as RGB
+        let err = format!("{:#}", decode_bytes(&black_png(13400, 13400)).unwrap_err());
+        assert_eq!(err, "the image is 13400x13400 (179.6 Mpixel), above the 179.0 Mpixel limit YOLOv5 (PIL) accepts");
     }
 
     #[test]

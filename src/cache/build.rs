@@ -4,8 +4,9 @@
 //! A producer thread reads, hashes, decodes and letterboxes images in parallel
 //! (rayon) while engine threads run and encode the previous batches and a
 //! writer thread writes the ones before, so the engines never wait for the
-//! CPU work around them. Images that cannot
-//! be decoded are skipped with a warning naming the file, and counted.
+//! CPU work around them. Images that cannot be read (or are no regular file),
+//! decoded, or are above the pixel limit are skipped with a warning naming
+//! the file, and counted.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -56,7 +57,7 @@ enum Prepared {
 }
 
 fn prepare(cache: &FeatureCache, path: &Path, dtype: Dtype, imgsz: usize) -> Prepared {
-    let bytes = match std::fs::read(path) {
+    let bytes = match crate::fsutil::read_regular(path) {
         Ok(b) => b,
         Err(e) => return Prepared::Skipped(format!("cannot read it ({e})")),
     };

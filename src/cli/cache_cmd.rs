@@ -56,9 +56,8 @@ pub fn resolve_imgsz(model: &Model, requested: Option<usize>) -> Result<usize> {
 }
 
 pub fn run(a: CacheArgs) -> Result<()> {
-    let model = Model::load(&a.weights)?;
+    // every --split listed before the model is read
     let data = Dataset::load(&a.data)?;
-    let imgsz = resolve_imgsz(&model, a.imgsz)?;
     let mut splits = Vec::new();
     for s in &a.split {
         let images = data.images(s)?;
@@ -67,6 +66,8 @@ pub fn run(a: CacheArgs) -> Result<()> {
         }
         splits.push((s.clone(), images));
     }
+    let model = Model::load(&a.weights)?;
+    let imgsz = resolve_imgsz(&model, a.imgsz)?;
     let root = a.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let (cache, frozen) = FeatureCache::open(&root, &model, imgsz)?;
     let mut engines = Engine::for_fill(&frozen, imgsz, &a.engine.options())?;

@@ -61,16 +61,18 @@ pub struct ValArgs {
 }
 
 pub fn run(a: ValArgs) -> Result<()> {
-    let (model, head, source) = crate::weights::resolve(&a.weights)?;
+    // the dataset first: a wrong --split or a split without labels is
+    // refused before the model is read
     let data = Dataset::load(&a.data)?;
+    let images = data.labelled_images(&a.split)?;
+    if images.is_empty() {
+        bail!("the `{}` split of {} has no images", a.split, a.data.display());
+    }
+    let (model, head, source) = crate::weights::resolve(&a.weights)?;
     if data.nc() != head.nc {
         bail!("{} detects {} classes but {} has {}; validate on the dataset the head was trained for", a.weights.display(), head.nc, a.data.display(), data.nc());
     }
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
-    let images = data.images(&a.split)?;
-    if images.is_empty() {
-        bail!("the `{}` split of {} has no images", a.split, a.data.display());
-    }
     let opts = ValOptions {
         conf_thres: a.conf_thres,
         iou_thres: a.iou_thres,
@@ -79,6 +81,7 @@ pub fn run(a: ValArgs) -> Result<()> {
         dtype: a.dtype,
         losses: a.path == ValPath::Fast,
         progress: !a.json,
+        warn_labels: true,
     };
     let (report, engine, cache_dir) = match a.path {
         ValPath::Full => {

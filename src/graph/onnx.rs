@@ -16,7 +16,7 @@ use pb::tensor_shape_proto::dimension::Value as DimValue;
 
 /// Reads and decodes an ONNX file. Errors are one sentence naming the file.
 pub fn load_model(path: &Path) -> Result<pb::ModelProto> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = crate::fsutil::read_regular(path).with_context(|| format!("cannot read the model {}", path.display()))?;
     decode_model(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 

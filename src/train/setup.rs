@@ -54,8 +54,8 @@ pub struct Run {
 pub fn prepare(opts: &TrainOptions) -> Result<Run> {
     let model = Model::load(&opts.weights)?;
     let data = Dataset::load(&opts.data)?;
-    let train_images = data.images("train")?;
-    let val_images = data.images("val")?;
+    let train_images = data.labelled_images("train")?;
+    let val_images = data.labelled_images("val")?;
     let nc = data.nc();
     if nc == 0 {
         bail!("{} names no classes (nc: 0); a detector needs at least one class in `names`", opts.data.display());
@@ -167,7 +167,7 @@ fn prepare_split(cache: &FeatureCache, engine: &mut Option<Vec<Engine>>, frozen:
         data = load_split(cache, images, nc, opts.dtype, &r.written.into_iter().collect())?;
     }
     for (file, line, reason) in &data.bad_lines {
-        eprintln!("warning: {}:{line}: {reason}; line skipped", file.display());
+        eprintln!("{}", crate::data::skip_message(file, *line, reason));
     }
     Ok(data)
 }

@@ -26,11 +26,13 @@ pub fn validate_full(model: &Model, head: &Head, images: &[PathBuf], imgsz: usiz
     let mut engine = Engine::new(&bytes, imgsz, engine_opts)?;
     let mut acc = Accumulator::new(head);
     let mut skipped = Vec::new();
+    let bar = super::progress_bar(opts.progress, images.len(), "validating the exported model");
     for path in images {
+        bar.inc(1);
         let img = match preprocess::decode(path) {
             Ok(i) => i,
             Err(e) => {
-                eprintln!("warning: skipping {}: {e:#}", path.display());
+                bar.suspend(|| eprintln!("warning: skipping {}: {e:#}", path.display()));
                 skipped.push(SkippedImage { path: path.clone(), reason: format!("{e:#}") });
                 continue;
             }
@@ -40,8 +42,9 @@ pub fn validate_full(model: &Model, head: &Head, images: &[PathBuf], imgsz: usiz
         lb.write_chw(input.as_slice_mut().unwrap());
         let out = engine.run(input.view())?.remove(0);
         let out = out.into_dimensionality::<Ix3>().with_context(|| format!("the exported model's output0 is not [batch, anchors, 5 + nc] on {}", path.display()))?;
-        acc.add(evaluate_image(out.index_axis(Axis(0), 0), &lb.meta, path, head.nc, opts)?);
+        acc.add(evaluate_image(out.index_axis(Axis(0), 0), &lb.meta, path, head.nc, opts)?, opts.warn_labels.then_some(&bar));
     }
+    bar.finish_and_clear();
     let mut report = acc.finish(head, None, start);
     report.skipped_images = skipped;
     Ok((report, engine.name()))

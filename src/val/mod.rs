@@ -51,11 +51,14 @@ pub struct ValOptions {
     /// Compute box/obj/cls losses (the fast path only).
     pub losses: bool,
     pub progress: bool,
+    /// Print each skipped label line. Off by default: the trainer validates
+    /// every epoch and has printed them once already.
+    pub warn_labels: bool,
 }
 
 impl Default for ValOptions {
     fn default() -> Self {
-        ValOptions { conf_thres: 0.001, iou_thres: 0.6, max_det: 300, batch_size: 32, dtype: Dtype::F16, losses: true, progress: false }
+        ValOptions { conf_thres: 0.001, iou_thres: 0.6, max_det: 300, batch_size: 32, dtype: Dtype::F16, losses: true, progress: false, warn_labels: false }
     }
 }
 
@@ -63,6 +66,7 @@ impl Default for ValOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct SkippedLabel {
     pub file: PathBuf,
+    /// 0: the whole file.
     pub line: usize,
     pub reason: String,
 }
@@ -76,6 +80,8 @@ pub struct ValReport {
     pub losses: Option<[f64; 3]>,
     pub skipped_images: Vec<SkippedImage>,
     pub skipped_labels: Vec<SkippedLabel>,
+    /// Polygon labels read as their bounding boxes.
+    pub segments: usize,
     pub seconds: f64,
 }
 
@@ -91,7 +97,7 @@ pub fn cached_items(cache: &FeatureCache, images: &[PathBuf], dtype: Dtype) -> (
     let found: Vec<std::result::Result<ValItem, SkippedImage>> = images
         .par_iter()
         .map(|p| {
-            let bytes = std::fs::read(p).map_err(|e| SkippedImage { path: p.clone(), reason: format!("cannot read it ({e})") })?;
+            let bytes = crate::fsutil::read_regular(p).map_err(|e| SkippedImage { path: p.clone(), reason: format!("cannot read it ({e})") })?;
             match cache.get(&image_key(&bytes), dtype) {
                 Some(entry) => Ok(ValItem { image: p.clone(), entry: Arc::new(entry) }),
                 None => Err(SkippedImage { path: p.clone(), reason: format!("no {} features in the cache {}", dtype.name(), cache.dir.display()) }),
@@ -112,7 +118,7 @@ pub fn cached_items(cache: &FeatureCache, images: &[PathBuf], dtype: Dtype) -> (
 /// been cached already (`cache::build::fill`), else it is skipped and counted.
 pub fn validate(model: &Model, head: &Head, dataset: &Dataset, split: &str, opts: &ValOptions, cache: &FeatureCache) -> Result<ValReport> {
     crate::weights::check_fits(model, head)?;
-    let images = dataset.images(split)?;
+    let images = dataset.labelled_images(split)?;
     let (items, skipped) = cached_items(cache, &images, opts.dtype);
     for s in &skipped {
         eprintln!("warning: skipping {}: {}", s.path.display(), s.reason);
@@ -128,6 +134,7 @@ pub fn validate_items(head: &Head, items: &[ValItem], opts: &ValOptions) -> Resu
     let mut acc = Accumulator::new(head);
     let mut loss_sum = [0f64; 3];
     let mut batches = 0usize;
+    let bar = progress_bar(opts.progress, items.len(), "validating");
     for chunk in items.chunks(opts.batch_size.max(1)) {
         for it in chunk {
             check_entry(head, &it.image, &it.entry)?;
@@ -149,9 +156,11 @@ pub fn validate_items(head: &Head, items: &[ValItem], opts: &ValOptions) -> Resu
         }
         batches += 1;
         for r in results {
-            acc.add(r);
+            acc.add(r, opts.warn_labels.then_some(&bar));
         }
+        bar.inc(chunk.len() as u64);
     }
+    bar.finish_and_clear();
     let losses = opts.losses.then(|| loss_sum.map(|v| if batches > 0 { v / batches as f64 } else { 0.0 }));
     Ok(acc.finish(head, losses, start))
 }
@@ -197,6 +206,16 @@ pub struct ImageResult {
     /// `[m, 5]` cls x y w h, letterboxed and normalised by imgsz.
     pub targets: Array2<f32>,
     pub skipped_labels: Vec<SkippedLabel>,
+    pub segments: usize,
+}
+
+/// A bar on stderr over `len` images, or a hidden one (as the fill's).
+pub fn progress_bar(show: bool, len: usize, msg: &'static str) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let bar = if show { ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr()) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}").unwrap().progress_chars("=> "));
+    bar.set_message(msg);
+    bar
 }
 
 /// NMS on one image's decoded rows, then back to original pixels.
@@ -220,7 +239,7 @@ pub fn evaluate_image(pred: ArrayView2<f32>, meta: &LetterboxMeta, image: &Path,
     let skipped_labels = labels.skipped.iter().map(|(line, reason)| SkippedLabel { file: lp.clone(), line: *line, reason: reason.clone() }).collect();
     let targets = letterboxed_targets(&labels.boxes, meta);
     let labelsn = labels_in_original(targets.view(), meta);
-    Ok(ImageResult { predn, labelsn, targets, skipped_labels })
+    Ok(ImageResult { predn, labelsn, targets, skipped_labels, segments: labels.segments })
 }
 
 /// The dataloader's labels: normalised xywh of the original image →
@@ -264,18 +283,23 @@ fn labels_in_original(targets: ArrayView2<f32>, meta: &LetterboxMeta) -> Array2<
 pub struct Accumulator {
     stats: ValStats,
     skipped_labels: Vec<SkippedLabel>,
+    segments: usize,
 }
 
 impl Accumulator {
     pub fn new(head: &Head) -> Accumulator {
-        Accumulator { stats: ValStats::new(head.nc), skipped_labels: Vec::new() }
+        Accumulator { stats: ValStats::new(head.nc), skipped_labels: Vec::new(), segments: 0 }
     }
 
-    pub fn add(&mut self, r: ImageResult) {
-        for s in &r.skipped_labels {
-            eprintln!("warning: {}:{}: label skipped: {}", s.file.display(), s.line, s.reason);
+    /// Adds one image; with a bar, its label warnings print above it.
+    pub fn add(&mut self, r: ImageResult, warn_above: Option<&indicatif::ProgressBar>) {
+        if let Some(bar) = warn_above {
+            for s in &r.skipped_labels {
+                bar.suspend(|| eprintln!("{}", data::skip_message(&s.file, s.line, &s.reason)));
+            }
         }
         self.skipped_labels.extend(r.skipped_labels);
+        self.segments += r.segments;
         self.stats.update(r.predn.view(), r.labelsn.view());
     }
 
@@ -286,6 +310,7 @@ impl Accumulator {
             losses,
             skipped_images: Vec::new(),
             skipped_labels: self.skipped_labels,
+            segments: self.segments,
             seconds: start.elapsed().as_secs_f64(),
         }
     }

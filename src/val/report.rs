@@ -77,6 +77,9 @@ pub fn text(r: &ValReport) -> String {
     if !r.skipped_images.is_empty() || !r.skipped_labels.is_empty() {
         out += &format!("skipped: {} images, {} label lines\n", r.skipped_images.len(), r.skipped_labels.len());
     }
+    if r.segments > 0 {
+        out += &format!("{} polygon labels read as their bounding boxes\n", r.segments);
+    }
     out
 }
 
@@ -108,6 +111,7 @@ pub fn to_json(r: &ValReport) -> Value {
             "matrix": matrix, "correct": correct, "wrong_class": wrong, "background_fp": fp, "missed": missed},
         "skipped_images": r.skipped_images.len(),
         "skipped_labels": r.skipped_labels.len(),
+        "segments_converted": r.segments,
         "skipped": {"images": r.skipped_images, "labels": r.skipped_labels},
         "seconds": r.seconds,
     })

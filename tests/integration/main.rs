@@ -4,6 +4,7 @@
 mod common;
 
 mod cache;
+mod data;
 mod demo;
 mod export;
 mod graph;
