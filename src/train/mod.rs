@@ -102,7 +102,7 @@ fn prepare_split(cache: &FeatureCache, engine: &mut Option<Vec<Engine>>, frozen:
     let mut data = load_split(cache, images, nc, opts.dtype, &Default::default())?;
     if !data.missing.is_empty() {
         if engine.is_none() {
-            *engine = Some(Engine::for_fill(frozen, opts.imgsz, &opts.engine)?);
+            *engine = Some(Engine::for_fill(&opts.weights, frozen, opts.imgsz, &opts.engine)?);
         }
         // two sessions side by side: small batches, low memory, same speed
         let fill = build::FillOptions { batch_size: 2, dtype: opts.dtype, progress: opts.progress };
@@ -193,8 +193,8 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
     let val_items: Vec<crate::val::ValItem> = val_set
         .samples
         .iter()
-        .map(|s| Ok(crate::val::ValItem { image: s.image.clone(), entry: std::sync::Arc::new(crate::cache::Entry::open_verified_before(&s.entry)?) }))
-        .collect::<Result<_>>()?;
+        .map(|s| crate::val::ValItem { image: s.image.clone(), entry: s.entry.clone() })
+        .collect();
 
     // The starting head.
     let pretrained = Head::from_model(&model)?;
