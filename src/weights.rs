@@ -45,6 +45,7 @@ impl std::fmt::Display for Source {
 
 /// Resolves `--weights` (see the module doc).
 pub fn resolve(path: &Path) -> Result<(Model, Head, Source)> {
+    crate::graph::check_not_pytorch(path)?;
     if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
         if !path.is_file() {
             bail!("the model {} does not exist", path.display());

@@ -10,13 +10,17 @@
 //! The graph key hashes the frozen graph bytes, imgsz and the preprocessing
 //! version; the image key hashes the image file's bytes. Labels are not part of
 //! any key, so relabelling never invalidates features.
+//!
+//! Opening a cache removes the `.tmp-*` files that killed writers left in it
+//! (`fsutil::remove_orphans`); files that a running writer (another process
+//! or shard on the same cache) holds locked are left alone.
 
 pub mod build;
 pub mod entry;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 pub use entry::{Dtype, Entry};
@@ -76,6 +80,10 @@ impl FeatureCache {
     /// Opens the cache for `model` at `imgsz` under `root`, writing the frozen
     /// graph and `cache.json` the first time. Returns the frozen bytes too.
     pub fn open(root: &Path, model: &Model, imgsz: usize) -> Result<(FeatureCache, Vec<u8>)> {
+        let stride = model.spec.strides().iter().fold(1f32, |a, &b| a.max(b)) as usize;
+        if imgsz == 0 || imgsz % stride != 0 {
+            bail!("image size {imgsz} does not fit {}: it must be a positive multiple of its largest stride {stride}", model.path.display());
+        }
         let frozen = model.frozen_bytes()?;
         let key = graph_key(&frozen, imgsz);
         let dir = root.join(&key);
@@ -94,7 +102,22 @@ impl FeatureCache {
         if !info_path.exists() {
             crate::fsutil::write_atomic(&info_path, &serde_json::to_vec_pretty(&info)?)?;
         }
-        Ok((FeatureCache { dir, info }, frozen))
+        let cache = FeatureCache { dir, info };
+        cache.remove_orphans();
+        Ok((cache, frozen))
+    }
+
+    /// Removes the temporary files of killed writers (see the module doc);
+    /// returns how many.
+    pub fn remove_orphans(&self) -> usize {
+        let min_age = crate::fsutil::ORPHAN_MIN_AGE;
+        let mut n = crate::fsutil::remove_orphans(&self.dir, min_age);
+        for dtype in [Dtype::F16, Dtype::F32] {
+            for shard in std::fs::read_dir(self.dir.join(dtype.name())).into_iter().flatten().flatten() {
+                n += crate::fsutil::remove_orphans(&shard.path(), min_age);
+            }
+        }
+        n
     }
 
     /// Opens an existing cache directory (one that `open` made).

@@ -46,13 +46,7 @@ pub struct CacheArgs {
 
 /// The model's input size, checked against `--imgsz`.
 pub fn resolve_imgsz(model: &Model, requested: Option<usize>) -> Result<usize> {
-    match (model.spec.imgsz, requested) {
-        (Some([h, w]), _) if h != w => bail!("{} has a non-square input {h}x{w}; freezesplit letterboxes to squares", model.path.display()),
-        (Some([h, _]), Some(r)) if r != h => bail!("{} is a static {h}x{h} export; --imgsz {r} cannot be used with it (export it with --dynamic, or drop --imgsz)", model.path.display()),
-        (Some([h, _]), _) => Ok(h),
-        (None, Some(r)) if r % 32 != 0 => bail!("--imgsz {r} is not a multiple of the largest stride 32"),
-        (None, r) => Ok(r.unwrap_or(640)),
-    }
+    super::resolve_imgsz(model, requested)
 }
 
 pub fn run(a: CacheArgs) -> Result<()> {
@@ -70,7 +64,7 @@ pub fn run(a: CacheArgs) -> Result<()> {
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
     let root = a.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let (cache, frozen) = FeatureCache::open(&root, &model, imgsz)?;
-    let mut engines = Engine::for_fill(&frozen, imgsz, &a.engine.options())?;
+    let mut engines = Engine::for_fill(&model.path, &frozen, imgsz, &a.engine.options())?;
     let opts = build::FillOptions { batch_size: a.batch_size, dtype: a.dtype, progress: !a.json };
     let mut reports = serde_json::Map::new();
     for (name, images) in &splits {

@@ -12,9 +12,11 @@ mod val_cmd;
 
 use std::path::PathBuf;
 
+use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::engine::{Device, EngineChoice, EngineOptions};
+use crate::graph::Model;
 
 #[derive(Parser)]
 #[command(name = "freezesplit", version, about = "Fine-tune the Detect head of an exported YOLOv5 ONNX on CPU, on cached frozen features")]
@@ -62,6 +64,42 @@ impl EngineArgs {
     pub fn options(&self) -> EngineOptions {
         EngineOptions { engine: self.engine, device: self.device, ort_lib: self.ort_lib.clone(), threads: self.threads, ort_spinning: false }
     }
+}
+
+/// The largest `--imgsz` accepted; YOLOv5 models are trained at 640 or 1280.
+pub const MAX_IMGSZ: usize = 8192;
+
+/// `--imgsz` checked against the model: out of range (0, or above
+/// `MAX_IMGSZ`) is refused; a size that is not a multiple of the model's
+/// largest stride is rounded up with a warning, as YOLOv5's `check_img_size`
+/// does; a static export only runs at its own size (the default).
+pub fn resolve_imgsz(model: &Model, requested: Option<usize>) -> Result<usize> {
+    let stride = model.spec.strides().iter().fold(1f32, |a, &b| a.max(b)) as usize;
+    let requested = match requested {
+        Some(r) if r == 0 || r > MAX_IMGSZ => bail!("--imgsz {r} is out of range: give the image size in pixels, from 1 to {MAX_IMGSZ}"),
+        Some(r) if r % stride != 0 => {
+            let up = r.div_ceil(stride) * stride;
+            eprintln!("warning: --imgsz {r} must be a multiple of the max stride {stride}, updating to {up}");
+            Some(up)
+        }
+        r => r,
+    };
+    match (model.spec.imgsz, requested) {
+        (Some([h, w]), _) if h != w => bail!("{} has a non-square input {h}x{w}; freezesplit letterboxes to squares", model.path.display()),
+        (Some([h, _]), Some(r)) if r != h => bail!("{} is a static {h}x{h} export; --imgsz {r} cannot be used with it (export it with --dynamic, or drop --imgsz)", model.path.display()),
+        (Some([h, _]), _) => Ok(h),
+        (None, r) => Ok(r.unwrap_or(640)),
+    }
+}
+
+/// `--conf-thres` and `--iou-thres` must lie in [0, 1] (NaN does not).
+pub fn check_thresholds(conf_thres: f64, iou_thres: f64) -> Result<()> {
+    for (flag, v) in [("--conf-thres", conf_thres), ("--iou-thres", iou_thres)] {
+        if !(0.0..=1.0).contains(&v) {
+            bail!("{flag} {v} is out of range: give a number from 0 to 1");
+        }
+    }
+    Ok(())
 }
 
 /// Parses the arguments and runs the command; returns the exit status.

@@ -40,6 +40,7 @@ pub struct PredictArgs {
 }
 
 pub fn run(a: PredictArgs) -> Result<()> {
+    super::check_thresholds(a.conf_thres, a.iou_thres)?;
     let (model, head, source) = crate::weights::resolve(&a.weights)?;
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
     let images = predict::list_sources(&a.source)?;

@@ -61,6 +61,7 @@ pub struct ValArgs {
 }
 
 pub fn run(a: ValArgs) -> Result<()> {
+    super::check_thresholds(a.conf_thres, a.iou_thres)?;
     // the dataset first: a wrong --split or a split without labels is
     // refused before the model is read
     let data = Dataset::load(&a.data)?;
@@ -94,7 +95,7 @@ pub fn run(a: ValArgs) -> Result<()> {
             let (mut items, mut skipped) = val::cached_items(&cache, &images, a.dtype);
             let mut engine = "none (all features were cached)".to_string();
             if !skipped.is_empty() {
-                let mut e = Engine::for_fill(&frozen, imgsz, &a.engine.options())?;
+                let mut e = Engine::for_fill(&model.path, &frozen, imgsz, &a.engine.options())?;
                 let fill = build::fill(&cache, &mut e, &images, &build::FillOptions { batch_size: 2, dtype: a.dtype, progress: !a.json })?;
                 engine = e[0].name();
                 (items, skipped) = val::cached_items(&cache, &images, a.dtype);

@@ -6,9 +6,9 @@
 pub mod ort_engine;
 pub mod tract_engine;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use ndarray::{ArrayD, ArrayView3, ArrayView4, ArrayViewD, Axis, Ix4};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -83,8 +83,14 @@ fn tract_notice() {
     ONCE.call_once(|| eprintln!("note: ONNX Runtime library not found (--ort-lib, ORT_DYLIB_PATH or ./.venv); using the tract engine"));
 }
 
-/// A loaded frozen graph, ready to run.
-pub enum Engine {
+/// A loaded graph, ready to run; errors name the model file it came from
+/// when the engine was built with `for_model` or `for_fill`.
+pub struct Engine {
+    back: Back,
+    model: Option<PathBuf>,
+}
+
+enum Back {
     Ort(ort_engine::OrtEngine),
     Tract(tract_engine::TractEngine),
 }
@@ -92,34 +98,49 @@ pub enum Engine {
 impl Engine {
     /// Builds the engine the options ask for. `auto` takes ONNX Runtime when
     /// its library is found, else tract, and says so on stderr.
-    pub fn new(frozen: &[u8], imgsz: usize, opts: &EngineOptions) -> Result<Engine> {
+    pub fn new(graph: &[u8], imgsz: usize, opts: &EngineOptions) -> Result<Engine> {
+        Ok(Engine { back: Self::back(graph, imgsz, opts)?, model: None })
+    }
+
+    /// `new` for a graph made from the model file `model` (its frozen part or
+    /// its export): every error names that file.
+    pub fn for_model(model: &Path, graph: &[u8], imgsz: usize, opts: &EngineOptions) -> Result<Engine> {
+        let back = Self::back(graph, imgsz, opts).with_context(|| format!("the engine cannot load the graph of {}", model.display()))?;
+        Ok(Engine { back, model: Some(model.to_path_buf()) })
+    }
+
+    fn back(graph: &[u8], imgsz: usize, opts: &EngineOptions) -> Result<Back> {
+        if imgsz == 0 {
+            bail!("the image size must be positive");
+        }
         match opts.engine {
-            EngineChoice::Ort => Ok(Engine::Ort(ort_engine::OrtEngine::new(frozen, opts)?)),
+            EngineChoice::Ort => Ok(Back::Ort(ort_engine::OrtEngine::new(graph, opts)?)),
             EngineChoice::Tract => {
                 if let Device::Cuda(_) = opts.device {
                     bail!("the tract engine runs on the CPU only; use --engine ort for --device cuda");
                 }
-                Ok(Engine::Tract(tract_engine::TractEngine::new(frozen, imgsz, opts)?))
+                Ok(Back::Tract(tract_engine::TractEngine::new(graph, imgsz, opts)?))
             }
             EngineChoice::Auto => match ort_engine::find_library(opts.ort_lib.as_deref()) {
-                Some(_) => Ok(Engine::Ort(ort_engine::OrtEngine::new(frozen, opts)?)),
+                Some(_) => Ok(Back::Ort(ort_engine::OrtEngine::new(graph, opts)?)),
                 None => {
                     if let Device::Cuda(_) = opts.device {
                         bail!("--device cuda needs ONNX Runtime, and its library was not found: pass --ort-lib or set ORT_DYLIB_PATH");
                     }
                     tract_notice();
-                    Ok(Engine::Tract(tract_engine::TractEngine::new(frozen, imgsz, opts)?))
+                    Ok(Back::Tract(tract_engine::TractEngine::new(graph, imgsz, opts)?))
                 }
             },
         }
     }
 
-    /// The engines for filling the cache: on a CPU with several cores, two
+    /// The engines for filling the cache from the frozen graph of the model
+    /// file `model`: on a CPU with several cores, two
     /// sessions with half the threads each, run side by side on alternate
     /// batches. One session's threads wait for each other at every op, and
     /// on a small machine the decoding and writing around them keep
     /// preempting one; two sessions keep the cores busy through those gaps.
-    pub fn for_fill(frozen: &[u8], imgsz: usize, opts: &EngineOptions) -> Result<Vec<Engine>> {
+    pub fn for_fill(model: &Path, frozen: &[u8], imgsz: usize, opts: &EngineOptions) -> Result<Vec<Engine>> {
         let threads = opts.threads();
         let n = if matches!(opts.device, Device::Cuda(_)) || threads < 2 { 1 } else { 2 };
         let half = EngineOptions { threads: (threads / n).max(1), ..opts.clone() };
@@ -136,36 +157,45 @@ impl Engine {
             };
             let one = EngineOptions { engine, ..half };
             let (a, b) = std::thread::scope(|s| {
-                let a = s.spawn(|| Engine::new(frozen, imgsz, &one));
-                let b = Engine::new(frozen, imgsz, &one);
-                (a.join().unwrap_or_else(|_| Err(anyhow::anyhow!("building an engine panicked"))), b)
+                let a = s.spawn(|| Engine::for_model(model, frozen, imgsz, &one));
+                let b = Engine::for_model(model, frozen, imgsz, &one);
+                (a.join().unwrap_or_else(|_| Err(anyhow::anyhow!("building an engine for {} panicked", model.display()))), b)
             });
             return Ok(vec![a?, b?]);
         }
-        let first = Engine::new(frozen, imgsz, if n > 1 { &half } else { opts })?;
-        if n == 1 || matches!(&first, Engine::Ort(e) if e.device_label != "cpu") {
+        let first = Engine::for_model(model, frozen, imgsz, if n > 1 { &half } else { opts })?;
+        if n == 1 || matches!(&first.back, Back::Ort(e) if e.device_label != "cpu") {
             return Ok(vec![first]);
         }
         // the second like the first (auto has decided by now)
-        let choice = if matches!(first, Engine::Ort(_)) { EngineChoice::Ort } else { EngineChoice::Tract };
-        let second = Engine::new(frozen, imgsz, &EngineOptions { engine: choice, device: Device::Cpu, ..half })?;
+        let choice = if matches!(first.back, Back::Ort(_)) { EngineChoice::Ort } else { EngineChoice::Tract };
+        let second = Engine::for_model(model, frozen, imgsz, &EngineOptions { engine: choice, device: Device::Cpu, ..half })?;
         Ok(vec![first, second])
     }
 
+    /// Adds the model file to a run error.
+    fn named<T>(&self, r: Result<T>) -> Result<T> {
+        match &self.model {
+            Some(m) => r.with_context(|| format!("the engine failed on the graph of {}", m.display())),
+            None => r,
+        }
+    }
+
     pub fn name(&self) -> String {
-        match self {
-            Engine::Ort(e) => format!("ort ({})", e.device_label),
-            Engine::Tract(_) => "tract (cpu)".to_string(),
+        match &self.back {
+            Back::Ort(e) => format!("ort ({})", e.device_label),
+            Back::Tract(_) => "tract (cpu)".to_string(),
         }
     }
 
     /// Runs a batch `[B, 3, H, W]`; returns the graph outputs in order (for a
     /// frozen graph: the head inputs `[B, C, h, w]`, level by level).
     pub fn run(&mut self, batch: ArrayView4<f32>) -> Result<Vec<ArrayD<f32>>> {
-        match self {
-            Engine::Ort(e) => e.run(batch),
-            Engine::Tract(e) => e.run(batch),
-        }
+        let r = match &mut self.back {
+            Back::Ort(e) => e.run(batch),
+            Back::Tract(e) => e.run(batch),
+        };
+        self.named(r)
     }
 
     /// Runs a batch and hands image `b`'s outputs (`[C, h, w]` per level) to
@@ -179,9 +209,10 @@ impl Engine {
             }
             Ok((0..n).map(|b| f(b, &levels.iter().map(|l| l.index_axis(Axis(0), b)).collect::<Vec<_>>())).collect())
         };
-        match self {
-            Engine::Ort(e) => e.run_with(batch, |outs| per_image(outs))?,
-            Engine::Tract(e) => per_image(&e.run(batch)?.iter().map(|o| o.view()).collect::<Vec<_>>()),
-        }
+        let r = match &mut self.back {
+            Back::Ort(e) => e.run_with(batch, |outs| per_image(outs)).and_then(|r| r),
+            Back::Tract(e) => e.run(batch).and_then(|outs| per_image(&outs.iter().map(|o| o.view()).collect::<Vec<_>>())),
+        };
+        self.named(r)
     }
 }

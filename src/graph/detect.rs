@@ -93,6 +93,10 @@ pub fn find_detect(model: &pb::ModelProto) -> Result<DetectSpec> {
             anyhow::anyhow!("no Detect convolution (Conv → Reshape → Transpose → Sigmoid) feeds detection level {li} of `{}`: not a YOLOv5 Detect export", output.name)
         })?;
         let conv = ix.node(conv_i);
+        let feature = conv.input.first().map(String::as_str).unwrap_or("");
+        if !is_available(&ix, feature) {
+            bail!("the Detect convolution `{}` of level {li} reads `{feature}`, which no node of the graph produces (a damaged or hand-edited export; export it again)", conv.name);
+        }
         let (weight, bias) = match (conv.input.get(1), conv.input.get(2)) {
             (Some(w), Some(b)) => (w.clone(), b.clone()),
             _ => bail!("the head convolution `{}` has no bias input", conv.name),
@@ -129,6 +133,12 @@ pub fn find_detect(model: &pb::ModelProto) -> Result<DetectSpec> {
     if levels.is_empty() {
         bail!("its output Concat has no inputs");
     }
+    // a dangling input anywhere would only surface inside an engine
+    for n in &graph.node {
+        if let Some(t) = n.input.iter().find(|t| !t.is_empty() && !is_available(&ix, t)) {
+            bail!("node `{}` ({}) reads `{t}`, which no node, initializer or graph input provides (a damaged or hand-edited export; export it again)", n.name, n.op_type);
+        }
+    }
     let na = na_seen.unwrap();
     let nc = out_channels.unwrap() / na - 5;
     let (names, names_from_metadata) = match onnx::metadata(model, "names").and_then(parse_names) {
@@ -147,6 +157,11 @@ pub fn find_detect(model: &pb::ModelProto) -> Result<DetectSpec> {
         levels,
         opset: onnx::opset(model),
     })
+}
+
+/// Whether a tensor exists in the graph: a node output, initializer or input.
+fn is_available(ix: &GraphIndex, t: &str) -> bool {
+    ix.producer_of(t).is_some() || ix.initializers.contains_key(t) || ix.graph.input.iter().any(|i| i.name == t)
 }
 
 /// Walks back from a level's output through non-Conv nodes and returns the

@@ -9,7 +9,7 @@ pub mod summary;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 pub use detect::{DetectSpec, LevelSpec};
 
@@ -24,6 +24,7 @@ impl Model {
     /// Reads an ONNX export and finds its Detect head; any failure is one
     /// sentence that names the file.
     pub fn load(path: &Path) -> Result<Model> {
+        check_not_pytorch(path)?;
         let proto = onnx::load_model(path)?;
         let spec = detect::find_detect(&proto).with_context(|| format!("{} is not a YOLOv5 detector export", path.display()))?;
         Ok(Model { path: path.to_path_buf(), proto, spec })
@@ -39,4 +40,23 @@ impl Model {
         let t = g.initializer.iter().find(|t| t.name == name).with_context(|| format!("no initializer `{name}`"))?;
         onnx::tensor_f32(t)
     }
+}
+
+/// A PyTorch checkpoint (`.pt`, `.pth`, or the zip archive torch.save
+/// writes, under another name) is refused with the command that exports it to ONNX;
+/// every command's `--weights` and `inspect` come through here.
+pub fn check_not_pytorch(path: &Path) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    let by_name = matches!(ext.as_deref(), Some("pt" | "pth"));
+    let mut head = [0u8; 4];
+    let by_bytes = std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok()
+        && head == *b"PK\x03\x04";
+    if by_name || by_bytes {
+        bail!(
+            "{}: freezesplit reads ONNX exports, not PyTorch checkpoints; run `python export.py --weights {} --include onnx` in YOLOv5 and pass the .onnx file it writes",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(())
 }

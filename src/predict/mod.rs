@@ -96,7 +96,7 @@ pub fn label_line(d: &Detection, w: u32, h: u32) -> String {
 /// (created). Unreadable images are skipped with a warning.
 pub fn predict(model: &Model, head: &Head, images: &[PathBuf], opts: &PredictOptions, engine_opts: &EngineOptions, save_dir: &Path, verbose: bool) -> Result<Vec<ImagePrediction>> {
     let bytes = crate::export::export_bytes(model, head, None)?;
-    let mut engine = Engine::new(&bytes, opts.imgsz, engine_opts)?;
+    let mut engine = Engine::for_model(&model.path, &bytes, opts.imgsz, engine_opts)?;
     let labels_dir = save_dir.join("labels");
     std::fs::create_dir_all(&labels_dir).with_context(|| format!("cannot create {}", labels_dir.display()))?;
     let font = draw::find_font();

@@ -121,7 +121,7 @@ pub fn evaluate(run: &Run, head: &Head) -> Result<([f64; 4], [f32; 3])> {
     let mut sum = [0f64; 3];
     let mut batches = 0usize;
     for (items, samples) in run.val_items.chunks(bs).zip(run.val.samples.chunks(bs)) {
-        let entries: Vec<_> = items.iter().map(|it| it.entry.clone()).collect();
+        let entries: Vec<_> = items.iter().map(|it| crate::cache::Entry::open_verified_before(&it.entry).map(std::sync::Arc::new)).collect::<Result<_>>()?;
         let targets: Vec<Array2<f32>> = samples.iter().map(|s| Array2::from_shape_vec((s.targets.len(), 5), s.targets.concat()).expect("5 values a target")).collect();
         let views: Vec<_> = targets.iter().map(|t| t.view()).collect();
         let l = crate::val::loss::batch_loss_with(head, &run.loss_hyp, &entries, &views)?;

@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{Result, bail};
 use rand::SeedableRng;
@@ -18,7 +17,7 @@ use super::init;
 use super::params::HeadLayout;
 use super::schedule::Schedule;
 use super::{TrainOptions, TrainWhat};
-use crate::cache::{Entry, FeatureCache, build};
+use crate::cache::{FeatureCache, build};
 use crate::data::Dataset;
 use crate::engine::Engine;
 use crate::graph::Model;
@@ -85,7 +84,7 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
         eprintln!("{note}");
     }
     // load_split already hashed the images and verified their entries
-    let val_items: Vec<ValItem> = val.samples.iter().map(|s| Ok(ValItem { image: s.image.clone(), entry: Arc::new(Entry::open_verified_before(&s.entry)?) })).collect::<Result<_>>()?;
+    let val_items: Vec<ValItem> = val.samples.iter().map(|s| ValItem { image: s.image.clone(), entry: s.entry.clone() }).collect();
 
     let shapes = train.shapes.clone();
     let grids: Vec<(usize, usize)> = shapes.iter().map(|s| (s[1], s[2])).collect();
@@ -158,7 +157,7 @@ fn prepare_split(cache: &FeatureCache, engine: &mut Option<Vec<Engine>>, frozen:
     let mut data = load_split(cache, images, nc, opts.dtype, &Default::default())?;
     if !data.missing.is_empty() {
         if engine.is_none() {
-            *engine = Some(Engine::for_fill(frozen, opts.imgsz, &opts.engine)?);
+            *engine = Some(Engine::for_fill(&opts.weights, frozen, opts.imgsz, &opts.engine)?);
         }
         // two sessions side by side: small batches, low memory, same speed
         let fill = build::FillOptions { batch_size: 2, dtype: opts.dtype, progress: opts.progress };

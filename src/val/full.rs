@@ -23,7 +23,7 @@ use crate::preprocess;
 pub fn validate_full(model: &Model, head: &Head, images: &[PathBuf], imgsz: usize, opts: &ValOptions, engine_opts: &EngineOptions) -> Result<(ValReport, String)> {
     let start = Instant::now();
     let bytes = crate::export::export_bytes(model, head, None)?;
-    let mut engine = Engine::new(&bytes, imgsz, engine_opts)?;
+    let mut engine = Engine::for_model(&model.path, &bytes, imgsz, engine_opts)?;
     let mut acc = Accumulator::new(head);
     let mut skipped = Vec::new();
     let bar = super::progress_bar(opts.progress, images.len(), "validating the exported model");

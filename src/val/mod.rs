@@ -85,10 +85,13 @@ pub struct ValReport {
     pub seconds: f64,
 }
 
-/// An image with its verified cache entry.
+/// An image with the path of its verified cache entry. The entry is mapped
+/// only while its batch is validated: a map held across a training run dies
+/// of SIGBUS when another process truncates the file; a fresh one is checked
+/// against the header, as training maps its batches.
 pub struct ValItem {
     pub image: PathBuf,
-    pub entry: Arc<Entry>,
+    pub entry: PathBuf,
 }
 
 /// The entries of `images` in `cache`; images without one (unreadable, never
@@ -98,8 +101,9 @@ pub fn cached_items(cache: &FeatureCache, images: &[PathBuf], dtype: Dtype) -> (
         .par_iter()
         .map(|p| {
             let bytes = crate::fsutil::read_regular(p).map_err(|e| SkippedImage { path: p.clone(), reason: format!("cannot read it ({e})") })?;
-            match cache.get(&image_key(&bytes), dtype) {
-                Some(entry) => Ok(ValItem { image: p.clone(), entry: Arc::new(entry) }),
+            let key = image_key(&bytes);
+            match cache.get(&key, dtype) {
+                Some(_) => Ok(ValItem { image: p.clone(), entry: cache.entry_path(&key, dtype) }),
                 None => Err(SkippedImage { path: p.clone(), reason: format!("no {} features in the cache {}", dtype.name(), cache.dir.display()) }),
             }
         })
@@ -136,19 +140,20 @@ pub fn validate_items(head: &Head, items: &[ValItem], opts: &ValOptions) -> Resu
     let mut batches = 0usize;
     let bar = progress_bar(opts.progress, items.len(), "validating");
     for chunk in items.chunks(opts.batch_size.max(1)) {
-        for it in chunk {
-            check_entry(head, &it.image, &it.entry)?;
+        let entries: Vec<Arc<Entry>> = chunk.par_iter().map(|it| Entry::open_verified_before(&it.entry).map(Arc::new)).collect::<Result<_>>()?;
+        for (it, e) in chunk.iter().zip(&entries) {
+            check_entry(head, &it.image, e)?;
         }
         let results: Vec<Result<ImageResult>> = chunk
             .par_iter()
-            .map(|it| {
-                let pred = decode_entry(head, &it.entry, opts.conf_thres);
-                evaluate_image(pred.view(), &it.entry.header.letterbox, &it.image, head.nc, opts)
+            .zip(&entries)
+            .map(|(it, e)| {
+                let pred = decode_entry(head, e, opts.conf_thres);
+                evaluate_image(pred.view(), &e.header.letterbox, &it.image, head.nc, opts)
             })
             .collect();
         let results: Vec<ImageResult> = results.into_iter().collect::<Result<_>>()?;
         if opts.losses {
-            let entries: Vec<Arc<Entry>> = chunk.iter().map(|it| it.entry.clone()).collect();
             let l = loss::batch_loss(head, &entries, &results.iter().map(|r| r.targets.view()).collect::<Vec<_>>())?;
             for k in 0..3 {
                 loss_sum[k] += l[k] as f64;

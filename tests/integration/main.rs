@@ -13,5 +13,6 @@ mod letterbox;
 mod loss_parity;
 mod metrics_parity;
 mod predict;
+mod robust;
 mod train;
 mod val;
