@@ -103,12 +103,10 @@ fn freeze_json(c: &Cut, model: &Model, imgsz: usize) -> serde_json::Value {
 
 fn render_cut(c: &Cut, model: &Model, imgsz: usize) -> String {
     let n = c.freeze;
-    let mut out = format!(
-        "  --freeze {n}: layers 0-{} frozen (run once per image and cached), {n}-24 train: {} parameters\n",
-        n - 1,
-        c.trainable_params(model)
-    );
-    out.push_str(&format!("    tensors crossing the boundary (what the cache holds), shapes at {imgsz}x{imgsz}:\n"));
+    let trains = if n == 24 { "24 (the Detect head) trains".to_string() } else { format!("{n}-24 train") };
+    let mut out = format!("  --freeze {n}: layers 0-{} frozen (run once per image and cached), {trains}: {} parameters\n", n - 1, c.trainable_params(model));
+    let dynamic = if model.spec.imgsz.is_none() { " (a dynamic export: at cache's default --imgsz)" } else { "" };
+    out.push_str(&format!("    tensors crossing the boundary (what the cache holds), shapes at {imgsz}x{imgsz}{dynamic}:\n"));
     for (i, x) in c.crossing.iter().enumerate() {
         let layer = x.layer.map_or("?".to_string(), |l| l.to_string());
         out.push_str(&format!("      layer {layer:>2}  {:<16} stride {:>2}  `{}`\n", format!("{:?}", c.shape(i, imgsz)), x.stride, x.name));

@@ -119,7 +119,9 @@ pub fn render_at(s: &Summary, freeze: Option<usize>) -> String {
             && !marked
             && l.index >= n
         {
-            out.push_str(&format!("{:-<4}  --freeze {n}: layers 0-{} above are frozen (cached), {n}-{} below train\n", "", n.saturating_sub(1), s.layers.last().map_or(n, |l| l.index)));
+            let last = s.layers.last().map_or(n, |l| l.index);
+            let below = if last > n { format!("{n}-{last} below train") } else { format!("{n} below trains") };
+            out.push_str(&format!("{:-<4}  --freeze {n}: layers 0-{} above are frozen (cached), {below}\n", "", n.saturating_sub(1)));
             marked = true;
         }
         let shape = l.output_shape.as_ref().map_or("?".to_string(), |v| format!("{v:?}"));
