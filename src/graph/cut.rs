@@ -127,6 +127,12 @@ pub fn cut(model: &Model, freeze: usize) -> Result<Cut> {
             model.path.display()
         );
     }
+    if !layers.complete(model.proto.graph.as_ref().unwrap()) {
+        bail!(
+            "{} names its weights by model.N but not its nodes, so the layers without weights (Upsample, Concat) cannot be told apart and only --freeze 24 (the Detect head) can be used; re-export it with torch >= 1.13 for scoped node names",
+            model.path.display()
+        );
+    }
     if layers.detect != HEAD_ONLY {
         bail!(
             "{} has its Detect head at layer {}, not 24 as in yolov5n/s/m/l/x.yaml, so --freeze {freeze} would not mean what it means in YOLOv5; only --freeze 24 can be used with it",

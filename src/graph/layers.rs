@@ -40,6 +40,14 @@ impl Layers {
         partition(graph, &model.spec)
     }
 
+    /// Whether every layer before the Detect head has a node of its own. Exports
+    /// whose node names lack `model.N` (only the weights carry it) fold the
+    /// layers without weights (Upsample, Concat) into the layer before them.
+    pub fn complete(&self, graph: &pb::GraphProto) -> bool {
+        let groups = self.groups(graph);
+        (0..self.detect).all(|k| groups.contains_key(&k))
+    }
+
     /// Nodes before the Detect head, grouped by layer, in graph order.
     /// Constants are left out: they carry no parameters, and where a
     /// simplifier hoisted them says nothing about their layer.

@@ -300,6 +300,20 @@ fn freeze_out_of_range_and_stripped_names_are_refused_in_one_sentence() {
     let e = format!("{:#}", stripped.cut(17).unwrap_err());
     assert!(e.contains(path.to_str().unwrap()) && e.contains("only --freeze 24"), "{e}");
 
+    // an older exporter's graph: node names without model.N, only the
+    // weights carry it, so Upsample and Concat layers have no number
+    let mut proto = tiny.proto.clone();
+    for (i, n) in proto.graph.as_mut().unwrap().node.iter_mut().enumerate() {
+        n.name = format!("{}_{i}", n.op_type);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old-names.onnx");
+    std::fs::write(&old, onnx::encode_model(&proto)).unwrap();
+    let old_model = Model::load(&old).unwrap();
+    assert!(old_model.cut(24).is_ok());
+    let e = format!("{:#}", old_model.cut(12).unwrap_err());
+    assert!(e.contains(old.to_str().unwrap()) && e.contains("only --freeze 24"), "{e}");
+
     for args in [vec!["inspect", "--freeze", "17"], vec!["inspect", "--freeze", "9", "--json"]] {
         let out = Command::new(common::bin()).args(&args).arg(&path).output().unwrap();
         assert!(!out.status.success());
