@@ -1,15 +1,18 @@
 //! The feature cache stage: a frozen graph and images in; one verified file of
-//! head-input feature maps per image out, content-addressed so that every later
+//! the tensors that cross the freeze boundary (at `--freeze 24` the head-input
+//! feature maps) per image out, content-addressed so that every later
 //! experiment reuses them.
 //!
 //! ```text
 //! CACHE_DIR/<graph key>/frozen.onnx      the frozen graph the features come from
-//! CACHE_DIR/<graph key>/cache.json       imgsz, levels, source model
+//! CACHE_DIR/<graph key>/cache.json       imgsz, freeze, levels (the crossing tensors), source model
 //! CACHE_DIR/<graph key>/f16/ab/<image key>.feat
 //! ```
 //! The graph key hashes the frozen graph bytes, imgsz and the preprocessing
-//! version; the image key hashes the image file's bytes. Labels are not part of
-//! any key, so relabelling never invalidates features.
+//! version; the image key hashes the image file's bytes. The frozen graph's
+//! outputs are the cut's crossing tensors, so the key is the cut's: a
+//! different N never reuses an entry, and N = 24 keeps the keys it always had.
+//! Labels are not part of any key, so relabelling never invalidates features.
 //!
 //! Opening a cache removes the `.tmp-*` files that killed writers left in it
 //! (`fsutil::remove_orphans`); files that a running writer (another process
@@ -25,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 pub use entry::{Dtype, Entry};
 
-use crate::graph::Model;
+use crate::graph::{Cut, Model};
 use crate::preprocess::PREPROCESS_VERSION;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,7 +44,15 @@ pub struct CacheInfo {
     pub imgsz: usize,
     pub preprocess_version: u32,
     pub source_model: String,
+    /// `--freeze N` of the cut; caches made before it existed are N = 24.
+    #[serde(default = "head_only")]
+    pub freeze: usize,
+    /// The entry's tensors in order: the cut's crossing tensors.
     pub levels: Vec<CacheLevel>,
+}
+
+fn head_only() -> usize {
+    crate::graph::cut::HEAD_ONLY
 }
 
 /// An opened (and, if new, initialised) cache directory for one frozen graph.
@@ -77,14 +88,20 @@ pub fn image_key(bytes: &[u8]) -> String {
 }
 
 impl FeatureCache {
-    /// Opens the cache for `model` at `imgsz` under `root`, writing the frozen
-    /// graph and `cache.json` the first time. Returns the frozen bytes too.
+    /// Opens the cache of `--freeze 24` for `model` at `imgsz` under `root`,
+    /// writing the frozen graph and `cache.json` the first time. Returns the
+    /// frozen bytes too.
     pub fn open(root: &Path, model: &Model, imgsz: usize) -> Result<(FeatureCache, Vec<u8>)> {
+        Self::open_at(root, model, &Cut::head_only(&model.spec), imgsz)
+    }
+
+    /// Opens the cache of `cut` (see `open`).
+    pub fn open_at(root: &Path, model: &Model, cut: &Cut, imgsz: usize) -> Result<(FeatureCache, Vec<u8>)> {
         let stride = model.spec.strides().iter().fold(1f32, |a, &b| a.max(b)) as usize;
         if imgsz == 0 || imgsz % stride != 0 {
             bail!("image size {imgsz} does not fit {}: it must be a positive multiple of its largest stride {stride}", model.path.display());
         }
-        let frozen = model.frozen_bytes()?;
+        let frozen = model.frozen_bytes_at(cut)?;
         let key = graph_key(&frozen, imgsz);
         let dir = root.join(&key);
         let info = CacheInfo {
@@ -92,7 +109,8 @@ impl FeatureCache {
             imgsz,
             preprocess_version: PREPROCESS_VERSION,
             source_model: model.path.display().to_string(),
-            levels: model.spec.levels.iter().map(|l| CacheLevel { tensor: l.input_tensor.clone(), channels: l.in_channels, stride: l.stride }).collect(),
+            freeze: cut.freeze,
+            levels: cut.crossing.iter().map(|c| CacheLevel { tensor: c.name.clone(), channels: c.channels, stride: c.stride as f32 }).collect(),
         };
         let onnx_path = dir.join("frozen.onnx");
         if std::fs::read(&onnx_path).ok().as_deref() != Some(&frozen[..]) {

@@ -1,4 +1,4 @@
-//! `freezesplit cache --weights MODEL --data data.yaml [--split train,val]`
+//! `freezesplit cache --weights MODEL --data data.yaml [--split train,val] [--freeze N]`
 
 use std::path::PathBuf;
 
@@ -29,6 +29,11 @@ pub struct CacheArgs {
     /// Storage type of the features
     #[arg(long, value_enum, default_value = "f16")]
     pub dtype: Dtype,
+    /// Freeze boundary, as YOLOv5's --freeze: layers 0..N-1 frozen (10..=24;
+    /// 24 caches the Detect head's inputs). The cache holds the tensors that
+    /// cross it
+    #[arg(long, default_value_t = crate::graph::cut::HEAD_ONLY)]
+    pub freeze: usize,
     /// Image size for dynamic exports (static exports use their own)
     #[arg(long)]
     pub imgsz: Option<usize>,
@@ -61,9 +66,10 @@ pub fn run(a: CacheArgs) -> Result<()> {
         splits.push((s.clone(), images));
     }
     let model = Model::load(&a.weights)?;
+    let cut = model.cut(a.freeze)?;
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
     let root = a.cache_dir.clone().unwrap_or_else(default_cache_dir);
-    let (cache, frozen) = FeatureCache::open(&root, &model, imgsz)?;
+    let (cache, frozen) = FeatureCache::open_at(&root, &model, &cut, imgsz)?;
     let mut engines = Engine::for_fill(&model.path, &frozen, imgsz, &a.engine.options())?;
     let opts = build::FillOptions { batch_size: a.batch_size, dtype: a.dtype, progress: !a.json };
     let mut reports = serde_json::Map::new();
@@ -82,7 +88,7 @@ pub fn run(a: CacheArgs) -> Result<()> {
         reports.insert(name.clone(), serde_json::to_value(&r)?);
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&json!({"cache": cache.dir, "engine": engines[0].name(), "imgsz": imgsz, "dtype": a.dtype, "splits": reports}))?);
+        println!("{}", serde_json::to_string_pretty(&json!({"cache": cache.dir, "engine": engines[0].name(), "imgsz": imgsz, "dtype": a.dtype, "freeze": cut.freeze, "splits": reports}))?);
     } else {
         println!("cache: {} ({})", cache.dir.display(), engines[0].name());
     }

@@ -1,8 +1,12 @@
 //! The model graph stage: an exported YOLOv5 ONNX in; its Detect head
-//! (`detect`), the frozen backbone+neck graph (`split`) and a YOLOv5-style
-//! layer table (`summary`) out. `onnx` keeps the protobuf types apart.
+//! (`detect`), the `model.N` layer of every node (`layers`), the freeze
+//! boundary `--freeze N` (`cut`), the frozen graph at it (`split`) and a
+//! YOLOv5-style layer table (`summary`) out. `onnx` keeps the protobuf types
+//! apart.
 
+pub mod cut;
 pub mod detect;
+pub mod layers;
 pub mod onnx;
 pub mod split;
 pub mod summary;
@@ -11,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+pub use cut::{Crossing, Cut};
 pub use detect::{DetectSpec, LevelSpec};
 
 /// An exported model, read and understood.
@@ -30,9 +35,19 @@ impl Model {
         Ok(Model { path: path.to_path_buf(), proto, spec })
     }
 
-    /// The frozen graph as ONNX bytes.
+    /// The frozen graph of `--freeze 24` as ONNX bytes.
     pub fn frozen_bytes(&self) -> Result<Vec<u8>> {
         Ok(onnx::encode_model(&split::frozen_graph(&self.proto, &self.spec)?))
+    }
+
+    /// The freeze boundary `--freeze freeze` (see `cut::cut`).
+    pub fn cut(&self, freeze: usize) -> Result<Cut> {
+        cut::cut(self, freeze)
+    }
+
+    /// The frozen graph at `cut` as ONNX bytes.
+    pub fn frozen_bytes_at(&self, cut: &Cut) -> Result<Vec<u8>> {
+        Ok(onnx::encode_model(&split::frozen_graph_at(&self.proto, &self.spec, cut)?))
     }
 
     pub fn initializer_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {

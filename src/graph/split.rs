@@ -1,6 +1,6 @@
-//! Original model + `DetectSpec` in; the frozen graph out: the backbone and
-//! neck pruned to exactly what the head inputs depend on, with those tensors as
-//! its outputs.
+//! Original model + `DetectSpec` + a `Cut` in; the frozen graph out: the
+//! original pruned to exactly what the cut's crossing tensors depend on, with
+//! those tensors as its outputs (at `--freeze 24`, the head inputs).
 //!
 //! The batch dimension of the frozen graph is always symbolic (`batch`), even
 //! for static exports: only the Detect decode reshapes with a literal batch of
@@ -10,18 +10,25 @@ use std::collections::HashSet;
 
 use anyhow::{Result, bail};
 
+use super::cut::Cut;
 use super::detect::DetectSpec;
 use super::onnx::{self, Dim, GraphIndex, pb};
 
-/// Returns the frozen model: same IR version, opset and metadata as the
-/// original; nodes kept in their original (topological) order.
+/// The frozen model of `--freeze 24` (only the Detect head trains).
 pub fn frozen_graph(model: &pb::ModelProto, spec: &DetectSpec) -> Result<pb::ModelProto> {
+    frozen_graph_at(model, spec, &Cut::head_only(spec))
+}
+
+/// Returns the frozen model at `cut`: same IR version, opset and metadata as
+/// the original; nodes kept in their original (topological) order; outputs
+/// the crossing tensors in the cut's order.
+pub fn frozen_graph_at(model: &pb::ModelProto, spec: &DetectSpec, cut: &Cut) -> Result<pb::ModelProto> {
     let graph = model.graph.as_ref().expect("decode_model checked the graph");
     let ix = GraphIndex::new(graph);
 
     let mut needed_tensors: HashSet<&str> = HashSet::new();
     let mut keep_nodes: HashSet<usize> = HashSet::new();
-    let mut stack: Vec<&str> = spec.levels.iter().map(|l| l.input_tensor.as_str()).collect();
+    let mut stack: Vec<&str> = cut.crossing.iter().map(|c| c.name.as_str()).collect();
     while let Some(t) = stack.pop() {
         if !needed_tensors.insert(t) {
             continue;
@@ -33,7 +40,7 @@ pub fn frozen_graph(model: &pb::ModelProto, spec: &DetectSpec) -> Result<pb::Mod
         }
     }
     if !needed_tensors.contains(spec.input_name.as_str()) {
-        bail!("the head inputs do not depend on the image input `{}`", spec.input_name);
+        bail!("the tensors that cross the freeze boundary do not depend on the image input `{}`", spec.input_name);
     }
 
     let batch = Dim::Symbol("batch".into());
@@ -47,11 +54,7 @@ pub fn frozen_graph(model: &pb::ModelProto, spec: &DetectSpec) -> Result<pb::Mod
             bail!("the frozen part needs a second graph input `{}`, which YOLOv5 exports never have", i.name);
         }
     }
-    let outputs = spec
-        .levels
-        .iter()
-        .map(|l| onnx::float_value_info(&l.input_tensor, &feature_shape(spec, l.stride, l.in_channels, &batch)))
-        .collect();
+    let outputs = cut.crossing.iter().map(|c| onnx::float_value_info(&c.name, &feature_shape(spec, c.stride as f32, c.channels, &batch))).collect();
 
     let frozen = pb::GraphProto {
         node: graph.node.iter().enumerate().filter(|(i, _)| keep_nodes.contains(i)).map(|(_, n)| n.clone()).collect(),

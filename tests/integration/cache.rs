@@ -197,3 +197,80 @@ fn cuda_that_cannot_register_fails_clearly_and_auto_says_it_falls_back() {
     let v: serde_json::Value = serde_json::from_slice(&auto.stdout).unwrap();
     assert_eq!(v["engine"], "ort (cpu)");
 }
+
+#[test]
+fn cache_freeze_12_holds_the_four_crossing_tensors_with_both_engines_and_dtypes() {
+    use freezesplit::cache::{Dtype, image_key};
+    use freezesplit::engine::{Engine, EngineChoice, EngineOptions};
+    use freezesplit::graph::Model;
+
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dataset(dir.path(), 2);
+    let weights = common::root().join("models/tiny-320-op17.onnx");
+    let model = Model::load(&weights).unwrap();
+    let imgsz = 320;
+    let run = |engine: &str, dtype: &str, freeze: usize, cache_dir: &Path| -> serde_json::Value {
+        let out = Command::new(common::bin())
+            .args(["cache", "--engine", engine, "--dtype", dtype, "--freeze", &freeze.to_string(), "--split", "train", "--json", "--weights"])
+            .arg(&weights)
+            .arg("--data")
+            .arg(&yaml)
+            .arg("--cache-dir")
+            .arg(cache_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cache --freeze {freeze} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+
+    // at 12: layer 11's upsample, 10 (into 22), 6 (into 12) and 4 (into 16),
+    // of four different shapes
+    let cut = model.cut(12).unwrap();
+    let shapes: Vec<[usize; 3]> = (0..cut.crossing.len()).map(|i| cut.shape(i, imgsz)).collect();
+    assert_eq!(cut.crossing.iter().map(|c| c.layer.unwrap()).collect::<Vec<_>>(), [4, 6, 10, 11]);
+    assert_eq!(shapes, [[32, 40, 40], [64, 20, 20], [64, 10, 10], [64, 20, 20]]);
+    let mut reference = Engine::new(&model.frozen_bytes_at(&cut).unwrap(), imgsz, &EngineOptions { engine: EngineChoice::Tract, ..Default::default() }).unwrap();
+    let images = [dir.path().join("images/train/img000.jpg"), dir.path().join("images/train/img001.png")];
+    let want: Vec<Vec<ndarray::ArrayD<f32>>> = images
+        .iter()
+        .map(|p| {
+            let lb = freezesplit::preprocess::letterbox(&freezesplit::preprocess::decode(p).unwrap(), imgsz);
+            let mut input = ndarray::Array4::<f32>::zeros((1, 3, imgsz, imgsz));
+            lb.write_chw(input.as_slice_mut().unwrap());
+            reference.run(input.view()).unwrap()
+        })
+        .collect();
+
+    for opts in common::engines() {
+        let engine = if opts.engine == EngineChoice::Ort { "ort" } else { "tract" };
+        for dtype in [Dtype::F16, Dtype::F32] {
+            let cache_dir = dir.path().join(format!("cache-{engine}-{}", dtype.name()));
+            let v = run(engine, dtype.name(), 12, &cache_dir);
+            assert_eq!(v["freeze"], 12);
+            assert_eq!((v["splits"]["train"]["computed"].as_u64(), v["splits"]["train"]["skipped"].as_u64()), (Some(2), Some(3)));
+            let cache = FeatureCache::open_dir(Path::new(v["cache"].as_str().unwrap())).unwrap();
+            assert_eq!(cache.info.freeze, 12);
+            assert_eq!(cache.info.levels.iter().map(|l| l.tensor.as_str()).collect::<Vec<_>>(), cut.crossing.iter().map(|c| c.name.as_str()).collect::<Vec<_>>());
+            for (img, want) in images.iter().zip(&want) {
+                let entry = cache.get(&image_key(&std::fs::read(img).unwrap()), dtype).expect("cached");
+                assert_eq!(entry.header.shapes, shapes);
+                for (i, w) in want.iter().enumerate() {
+                    let got = entry.level(i);
+                    let w = w.view().into_shape_with_order(got.dim()).unwrap();
+                    let tol = |x: f32| if dtype == Dtype::F32 { 1e-4 } else { 1e-3 * x.abs().max(1.0) };
+                    let bad = got.iter().zip(w.iter()).filter(|(g, w)| (*g - *w).abs() > tol(**w)).count();
+                    assert_eq!(bad, 0, "{engine} {}: tensor {i} of {} differs", dtype.name(), img.display());
+                }
+            }
+        }
+    }
+
+    // the default --freeze 24 never reuses them: its own directory, under
+    // the key such caches always had
+    let cache_dir = dir.path().join("cache-tract-f16");
+    let v = run("tract", "f16", 24, &cache_dir);
+    assert_eq!(v["splits"]["train"]["computed"], 2);
+    assert!(v["cache"].as_str().unwrap().ends_with("b1e5ec66b1d8ab581fc6c06b"), "{v}");
+    assert_eq!(FeatureCache::open_dir(Path::new(v["cache"].as_str().unwrap())).unwrap().info.levels.len(), 3);
+    assert_eq!(verify_all(&cache_dir), 4);
+}
