@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_test_models as mtm  # noqa: E402  (also patches attempt_download for local files)
 from letterbox_reference import preprocess  # noqa: E402
 from loss_fixtures import make_targets  # noqa: E402
+from yolo_split import crossing, run_layers, run_tail  # noqa: E402
 
 import yolov5  # noqa: E402
 from yolov5.models.yolo import Detect  # noqa: E402
@@ -146,45 +147,6 @@ def images() -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
-def layer_inputs(model) -> list[list[int]]:
-    """Absolute indices of the layers each layer reads (``f`` with -1 resolved)."""
-    out = []
-    for m in model.model:
-        f = [m.f] if isinstance(m.f, int) else list(m.f)
-        out.append([m.i - 1 if j == -1 else j for j in f])
-    return out
-
-
-def crossing(model, n: int) -> list[int]:
-    """Layers < n whose output a layer >= n reads."""
-    ins = layer_inputs(model)
-    return sorted({j for i in range(n, len(ins)) for j in ins[i] if j < n})
-
-
-def run_head(model, x):
-    """Layers 0..23 (DetectionModel._forward_once), returning every layer's output."""
-    y = []
-    for m in model.model[:-1]:
-        if m.f != -1:
-            x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-        x = m(x)
-        y.append(x)
-    return y
-
-
-def run_tail(model, n: int, cross: dict[int, torch.Tensor]):
-    """Layers n..24 from the crossing tensors, as _forward_once would run them."""
-    y: list = [None] * len(model.model)
-    for j, t in cross.items():
-        y[j] = t
-    x = None
-    for m in model.model[n:]:
-        x = y[m.i - 1] if m.f == -1 else y[m.f] if isinstance(m.f, int) else [y[m.i - 1] if j == -1 else y[j] for j in m.f]
-        x = m(x)
-        y[m.i] = x
-    return x
-
-
 def onnx_layer_outputs(graph: onnx.GraphProto, nlayers: int) -> dict[int, str]:
     """The output tensor of each layer ``/model.i/...``: the one its nodes hand to other layers."""
     owner = {o: n.name for n in graph.node for o in n.output}
@@ -234,7 +196,7 @@ def forward_check(model, graph_path: Path, x: torch.Tensor, names: dict[int, str
     det = model.model[-1]
     det.export = True
     with torch.no_grad():
-        ys = run_head(model, x)
+        ys = run_layers(model, x, len(model.model) - 1)
         layer_err = max(float(np.abs(ys[i].numpy() - ref[name]).max()) for i, name in names.items())
         assert layer_err <= TOL, f"fused PyTorch vs onnxruntime layer outputs differ by {layer_err}"
         box_err = conf_err = 0.0
@@ -328,7 +290,7 @@ def main(argv=None) -> int:
           f"output0 max |d box| {fwd['split_output0_box_px']:.1e} px, |d conf| {fwd['split_output0_conf']:.1e}")
 
     with torch.no_grad():
-        ys = run_head(model, x)
+        ys = run_layers(model, x, len(model.model) - 1)
     hyp = scaled_hyp(det.nc, det.nl)
     model.hyp = hyp
     targets, moved = precision_stable(model, seeded_targets(det.nc))
