@@ -100,11 +100,28 @@ COCO_NAMES = [
 SHAPE_NAMES = ["circle", "square", "triangle"]
 
 
-def build_model(width: float, nc: int, names: list[str]) -> Model:
+def convt_upsampling(cfg: dict) -> None:
+    """Replace the head's two ``nn.Upsample`` layers (11 and 15) by learned 2x ConvTranspose2d.
+
+    parse_model treats ``nn.ConvTranspose2d`` like Conv: args ``[c2, k, s]`` with c2 scaled
+    by width_multiple and c1 taken from the input layer, so ``[512, 2, 2]`` after layer 10
+    (Conv 512) and ``[256, 2, 2]`` after layer 14 (Conv 256) keep every channel count, and
+    every later layer, as in yolov5n.yaml (``[C, C, 2, 2]`` would mean kernel C, stride 2).
+    """
+    bb = len(cfg["backbone"])
+    for i, c in ((11, 512), (15, 256)):
+        layer = cfg["head"][i - bb]
+        assert layer[2] == "nn.Upsample" and cfg["head"][i - 1 - bb][3][0] == c, (i, layer)
+        cfg["head"][i - bb] = [-1, 1, "nn.ConvTranspose2d", [c, 2, 2]]
+
+
+def build_model(width: float, nc: int, names: list[str], upsample: str = "nearest") -> Model:
     """yolov5n.yaml with a different width_multiple, seeded random init."""
     cfg = yaml.safe_load((Path(yolov5.__file__).parent / "models" / "yolov5n.yaml").read_text())
     cfg["width_multiple"] = width
     cfg["nc"] = nc
+    if upsample == "convt":
+        convt_upsampling(cfg)
     torch.manual_seed(SEED)
     model = Model(cfg, ch=3, nc=nc)
     # Give BatchNorm layers non-trivial running statistics / affine params (seeded) so that
@@ -245,10 +262,13 @@ MODELS = [
     ("tiny-dyn-op12-sim.onnx", "coco80", 320, 12, True, True, False),
     ("tiny-dyn-op17.onnx", "coco80", 320, 17, True, False, False),
     ("tiny-256-nc3-stripped.onnx", "shapes3", 256, 17, False, False, True),
+    ("tiny-320-convt-op17.onnx", "convt80", 320, 17, False, False, False),
 ]
 ARCHS = {
     "coco80": dict(width=0.125, nc=80, names=COCO_NAMES),
     "shapes3": dict(width=0.1875, nc=3, names=SHAPE_NAMES),
+    # model A's architecture with ConvTranspose upsampling (no shared model has one)
+    "convt80": dict(width=0.125, nc=80, names=COCO_NAMES, upsample="convt"),
 }
 
 
@@ -266,7 +286,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         ckpts = {}
         for key, arch in ARCHS.items():
-            model = build_model(arch["width"], arch["nc"], arch["names"])
+            model = build_model(arch["width"], arch["nc"], arch["names"], arch.get("upsample", "nearest"))
             pt = tmp / f"{key}.pt"
             save_checkpoint(model, pt)
             ckpts[key] = pt
@@ -286,6 +306,9 @@ def main(argv=None) -> int:
             shutil.move(str(f), dst)
             ref = reference_model(ckpts[key], dynamic)
             results[fname] = verify(dst, arch["nc"], imgsz, dynamic, arch["names"], ref)
+            if arch.get("upsample") == "convt":
+                ops = results[fname]["ops"]
+                assert ops.get("ConvTranspose") == 2 and "Resize" not in ops, (fname, ops)
 
     print("\n=== summary ===")
     for fname, r in results.items():
