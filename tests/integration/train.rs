@@ -365,3 +365,26 @@ fn patience_save_period_exist_ok_and_train_py_only_flags() {
     let again = resume(&runs.join("stop"), None);
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("nothing to resume"));
 }
+
+#[test]
+fn a_model_whose_head_holds_nan_is_refused_before_caching() {
+    // the test model with one bias of its Detect head set to NaN in the file
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dataset(dir.path(), &["circle", "square", "triangle"]);
+    let src = common::root().join(MODEL);
+    let model = Model::load(&src).unwrap();
+    let name = model.spec.levels[1].bias.clone();
+    let (_, bias) = model.initializer_f32(&name).unwrap();
+    let pattern: Vec<u8> = bias[..4].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut bytes = std::fs::read(&src).unwrap();
+    let at = bytes.windows(pattern.len()).position(|w| w == pattern.as_slice()).expect("the bias values are stored little-endian in the file");
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let bad = dir.path().join("nan-head.onnx");
+    std::fs::write(&bad, bytes).unwrap();
+    let cache = dir.path().join("cache");
+    let out = train_cmd_with(dir.path(), &yaml, &bad, &cache).args(["--epochs", "1", "--batch-size", "4", "--name", "nanhead"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("nan-head.onnx holds NaN or infinite values") && err.contains(&format!("`{name}`")), "{err}");
+    assert!(!cache.exists(), "refused before the cache fill");
+}
