@@ -217,12 +217,9 @@ fn resume_after_the_warmup_is_identical_to_an_uninterrupted_run() {
     let whole = runs.join("whole");
     let (a, b) = (std::fs::read_to_string(whole.join("results.csv")).unwrap(), std::fs::read_to_string(cut.join("results.csv")).unwrap());
     assert_eq!(a, b, "results.csv after 3 kills differs from the uninterrupted run");
-    for f in ["last.safetensors", "best.safetensors"] {
+    for f in ["last.safetensors", "best.safetensors", "last_state.safetensors"] {
         assert!(std::fs::read(whole.join("weights").join(f)).unwrap() == std::fs::read(cut.join("weights").join(f)).unwrap(), "{f} differs");
     }
-    // the checkpoints hold the same (their metadata's key order is a hash map's)
-    let [sa, sb] = [&whole, &cut].map(|r| freezesplit::train::state::load(&r.join("weights/last_state.safetensors")).unwrap());
-    assert!(sa.counters == sb.counters && sa.state == sb.state && sa.results_csv == sb.results_csv, "the checkpoints differ");
     // after warmup each epoch runs at lr0·lf(epoch): 0.01·((1 − e/12)·0.99 + 0.01)
     for (e, row) in csv_rows(&whole).iter().enumerate().skip(9) {
         let lf = (1.0 - e as f64 / 12.0) * 0.99 + 0.01;
