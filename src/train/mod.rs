@@ -151,7 +151,7 @@ impl State {
 
     fn state_dict(&self) -> StateDict {
         let mut sd = StateDict::default();
-        for (prefix, t) in [("model.", &self.params.values()), ("acc.", &self.acc)].into_iter().chain(self.best.as_ref().map(|b| ("best.", b))) {
+        for (prefix, t) in [("param.", &self.params.values()), ("acc.", &self.acc)].into_iter().chain(self.best.as_ref().map(|b| ("best.", b))) {
             sd.tensors.extend(t.iter().map(|(k, v)| (format!("{prefix}{k}"), v.as_standard_layout().into_owned())));
         }
         self.optimizer.state_dict("optimizer.", &mut sd);
@@ -161,7 +161,7 @@ impl State {
 
     fn load(&mut self, c: Checkpoint) -> Result<()> {
         let sd = &c.state;
-        self.params.set_values(&sd.tensors_under("model."))?;
+        self.params.set_values(&sd.tensors_under("param."))?;
         let acc = sd.tensors_under("acc.");
         for (k, v) in self.acc.iter_mut() {
             *v = params::take_like(&acc, k, v)?;

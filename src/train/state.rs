@@ -54,6 +54,15 @@ pub struct Counters {
     pub stopped: bool,
 }
 
+/// What travels in the safetensors metadata.
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    format: String,
+    counters: Counters,
+    counts: BTreeMap<String, u64>,
+    results_csv: String,
+}
+
 pub struct Checkpoint {
     pub counters: Counters,
     pub state: StateDict,
@@ -70,11 +79,9 @@ pub fn save(path: &Path, c: &Checkpoint) -> Result<()> {
             Ok((k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, v.shape().to_vec(), bytemuck::cast_slice(s))?))
         })
         .collect::<Result<_>>()?;
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), FORMAT.to_string());
-    meta.insert("counters".to_string(), serde_json::to_string(&c.counters)?);
-    meta.insert("counts".to_string(), serde_json::to_string(&c.state.counts)?);
-    meta.insert("results_csv".to_string(), c.results_csv.clone());
+    // one metadata entry: a HashMap's order would make the bytes differ run to run
+    let meta = Meta { format: FORMAT.to_string(), counters: c.counters.clone(), counts: c.state.counts.clone(), results_csv: c.results_csv.clone() };
+    let meta = HashMap::from([("freezesplit".to_string(), serde_json::to_string(&meta)?)]);
     let bytes = safetensors::serialize(views, Some(meta))?;
     crate::fsutil::write_atomic(path, &bytes)
 }
@@ -83,14 +90,11 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}: is this a run directory with at least one finished epoch?", path.display()))?;
     let damaged = || format!("{} is damaged or not a freezesplit training state", path.display());
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(damaged)?;
-    let meta = header.metadata().clone().unwrap_or_default();
-    if meta.get("format").map(String::as_str) != Some(FORMAT) {
-        bail!("{} is not a training state this version can resume (format {}); start a new run", path.display(), meta.get("format").map_or("none", |s| s.as_str()));
+    let text = header.metadata().as_ref().and_then(|m| m.get("freezesplit")).with_context(|| format!("{} is not a training state this version can resume (no freezesplit metadata); start a new run", path.display()))?;
+    let meta: Meta = serde_json::from_str(text).with_context(damaged)?;
+    if meta.format != FORMAT {
+        bail!("{} is a training state of format {}, this version reads {FORMAT}; start a new run", path.display(), meta.format);
     }
-    let field = |k: &str| meta.get(k).with_context(|| format!("{}: no `{k}` in its metadata", path.display()));
-    let counters: Counters = serde_json::from_str(field("counters")?).with_context(damaged)?;
-    let counts: BTreeMap<String, u64> = serde_json::from_str(field("counts")?).with_context(damaged)?;
-    let results_csv = field("results_csv")?.clone();
     let st = safetensors::SafeTensors::deserialize(&bytes).with_context(damaged)?;
     let mut tensors = BTreeMap::new();
     for (name, t) in st.tensors() {
@@ -100,7 +104,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         let v: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         tensors.insert(name.to_string(), ArrayD::from_shape_vec(IxDyn(t.shape()), v)?);
     }
-    Ok(Checkpoint { counters, state: StateDict { tensors, counts }, results_csv })
+    Ok(Checkpoint { counters: meta.counters, state: StateDict { tensors, counts: meta.counts }, results_csv: meta.results_csv })
 }
 
 #[cfg(test)]
@@ -117,8 +121,11 @@ mod tests {
         let counters = Counters { epoch: 3, last_opt_step: 41, best_fitness: Some(0.25), best_epoch: Some(2), stopper: Stopper::new(5), stopped: false };
         save(&path, &Checkpoint { counters: counters.clone(), state: state.clone(), results_csv: "epoch\n0\n".into() }).unwrap();
         let back = load(&path).unwrap();
-        assert_eq!((back.counters, back.state, back.results_csv.as_str()), (counters, state, "epoch\n0\n"));
+        assert_eq!((&back.counters, &back.state, back.results_csv.as_str()), (&counters, &state, "epoch\n0\n"));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "one file, nothing beside it");
+        let bytes = std::fs::read(&path).unwrap();
+        save(&path, &Checkpoint { counters: back.counters, state: back.state, results_csv: back.results_csv }).unwrap();
+        assert!(std::fs::read(&path).unwrap() == bytes, "the same state gives the same bytes");
         std::fs::write(&path, b"garbage").unwrap();
         assert!(format!("{:#}", load(&path).err().unwrap()).contains("damaged"));
     }
