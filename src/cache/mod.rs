@@ -81,7 +81,7 @@ impl FeatureCache {
     /// graph and `cache.json` the first time. Returns the frozen bytes too.
     pub fn open(root: &Path, model: &Model, imgsz: usize) -> Result<(FeatureCache, Vec<u8>)> {
         let stride = model.spec.strides().iter().fold(1f32, |a, &b| a.max(b)) as usize;
-        if imgsz == 0 || imgsz % stride != 0 {
+        if imgsz == 0 || !imgsz.is_multiple_of(stride) {
             bail!("image size {imgsz} does not fit {}: it must be a positive multiple of its largest stride {stride}", model.path.display());
         }
         let frozen = model.frozen_bytes()?;
