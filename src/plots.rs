@@ -79,7 +79,7 @@ fn save(buf: Vec<u8>, w: u32, h: u32, path: &Path) -> Result<()> {
 
 /// Decimals that tell apart tick values spread over `span`.
 fn decimals(span: f64) -> usize {
-    if !(span > 0.0) { 3 } else { ((-span.log10()).ceil() as i64 + 1).clamp(1, 8) as usize }
+    if span.is_nan() || span <= 0.0 { 3 } else { ((-span.log10()).ceil() as i64 + 1).clamp(1, 8) as usize }
 }
 
 /// scipy's `gaussian_filter1d(y, sigma)` (mode 'reflect', truncate 4), which

@@ -98,7 +98,7 @@ impl FeatureCache {
     /// Opens the cache of `cut` (see `open`).
     pub fn open_at(root: &Path, model: &Model, cut: &Cut, imgsz: usize) -> Result<(FeatureCache, Vec<u8>)> {
         let stride = model.spec.strides().iter().fold(1f32, |a, &b| a.max(b)) as usize;
-        if imgsz == 0 || imgsz % stride != 0 {
+        if imgsz == 0 || !imgsz.is_multiple_of(stride) {
             bail!("image size {imgsz} does not fit {}: it must be a positive multiple of its largest stride {stride}", model.path.display());
         }
         let frozen = model.frozen_bytes_at(cut)?;

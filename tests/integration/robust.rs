@@ -206,7 +206,7 @@ fn an_entry_truncated_by_another_process_during_validation_is_an_error_not_sigbu
     // another process truncates an entry in place (same inode)
     let victim = &items[1].entry;
     std::fs::OpenOptions::new().write(true).open(victim).unwrap().set_len(4096).unwrap();
-    let e = freezesplit::val::validate_items(&head, &items, &opts).err().expect("a truncated entry was read");
+    let e = freezesplit::val::validate_items(&head, &items, &opts).expect_err("a truncated entry was read");
     let msg = format!("{e:#}");
     assert!(msg.contains(victim.to_str().unwrap()) && msg.contains("damaged"), "{msg}");
 }
@@ -231,7 +231,11 @@ fn a_fill_removes_orphaned_temporary_files_but_not_a_live_writers() {
     // a writer in another process holds its file locked while it writes
     let (live, _) = old_tmp(&shard, "running");
     let mut writer = Command::new("flock").arg(&live).args(["sleep", "60"]).spawn().expect("flock(1) runs");
-    std::thread::sleep(Duration::from_millis(300));
+    let start = std::time::Instant::now();
+    while std::fs::File::open(&live).unwrap().try_lock().is_ok() {
+        assert!(start.elapsed() < Duration::from_secs(20), "flock(1) did not take the lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // a file this young may be a writer that has not taken its lock yet
     let young = shard.join(".tmp-just-created");
     std::fs::write(&young, b"").unwrap();
