@@ -24,6 +24,7 @@ pub mod plots;
 pub mod predict;
 pub mod preprocess;
 pub mod runs;
+pub mod tail;
 pub mod train;
 pub mod val;
 pub mod weights;

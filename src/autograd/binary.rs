@@ -3,7 +3,7 @@
 // In: two vars of broadcast-compatible shapes. Out: a var of the broadcast
 // shape; backward sums gradients back down to each input's own shape.
 
-use ndarray::{ArrayD, Axis, IxDyn, Zip};
+use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Zip};
 
 use super::tape::{GradAcc, Op, Tape, Var};
 
@@ -59,6 +59,21 @@ pub fn reduce_to_shape(g: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
     g
 }
 
+/// Maps from this many elements on run in parallel (the tail's NCHW maps,
+/// up to [16, 128, 80, 80]); the loss's small arrays stay serial.
+pub(crate) const PAR_MIN: usize = 1 << 15;
+
+/// `f` over two same-shape views, in parallel when they are large.
+fn zip2(a: ArrayViewD<f32>, b: ArrayViewD<f32>, f: impl Fn(f32, f32) -> f32 + Sync + Send) -> ArrayD<f32> {
+    let z = Zip::from(&a).and(&b);
+    if a.len() >= PAR_MIN { z.par_map_collect(|&x, &y| f(x, y)) } else { z.map_collect(|&x, &y| f(x, y)) }
+}
+
+fn zip3(a: ArrayViewD<f32>, b: ArrayViewD<f32>, c: ArrayViewD<f32>, f: impl Fn(f32, f32, f32) -> f32 + Sync + Send) -> ArrayD<f32> {
+    let z = Zip::from(&a).and(&b).and(&c);
+    if a.len() >= PAR_MIN { z.par_map_collect(|&x, &y, &w| f(x, y, w)) } else { z.map_collect(|&x, &y, &w| f(x, y, w)) }
+}
+
 fn apply(op: BinaryOp, a: &ArrayD<f32>, b: &ArrayD<f32>) -> ArrayD<f32> {
     let shape = broadcast_shape(a.shape(), b.shape());
     let av = a.broadcast(IxDyn(&shape)).unwrap();
@@ -71,7 +86,7 @@ fn apply(op: BinaryOp, a: &ArrayD<f32>, b: &ArrayD<f32>) -> ArrayD<f32> {
         BinaryOp::Minimum => |x: f32, y: f32| x.min(y),
         BinaryOp::Maximum => |x: f32, y: f32| x.max(y),
     };
-    Zip::from(&av).and(&bv).map_collect(|&x, &y| f(x, y))
+    zip2(av, bv, f)
 }
 
 impl Tape {
@@ -131,16 +146,10 @@ pub fn backward(
     } else {
         Some(match op {
             BinaryOp::Add | BinaryOp::Sub => g.clone(),
-            BinaryOp::Mul => Zip::from(&g).and(&bb).map_collect(|&g, &y| g * y),
-            BinaryOp::Div => Zip::from(&g).and(&bb).map_collect(|&g, &y| g / y),
-            BinaryOp::Minimum => Zip::from(&g)
-                .and(&ab)
-                .and(&bb)
-                .map_collect(|&g, &x, &y| g * select_share(x, y, x < y)),
-            BinaryOp::Maximum => Zip::from(&g)
-                .and(&ab)
-                .and(&bb)
-                .map_collect(|&g, &x, &y| g * select_share(x, y, x > y)),
+            BinaryOp::Mul => zip2(g.view(), bb.view(), |g, y| g * y),
+            BinaryOp::Div => zip2(g.view(), bb.view(), |g, y| g / y),
+            BinaryOp::Minimum => zip3(g.view(), ab.view(), bb.view(), |g, x, y| g * select_share(x, y, x < y)),
+            BinaryOp::Maximum => zip3(g.view(), ab.view(), bb.view(), |g, x, y| g * select_share(x, y, x > y)),
         })
     };
     let gb: Option<ArrayD<f32>> = if !need_b {
@@ -149,19 +158,10 @@ pub fn backward(
         Some(match op {
             BinaryOp::Add => g,
             BinaryOp::Sub => g.mapv_into(|x| -x),
-            BinaryOp::Mul => Zip::from(&g).and(&ab).map_collect(|&g, &x| g * x),
-            BinaryOp::Div => Zip::from(&g)
-                .and(out)
-                .and(&bb)
-                .map_collect(|&g, &o, &y| -g * o / y),
-            BinaryOp::Minimum => Zip::from(&g)
-                .and(&ab)
-                .and(&bb)
-                .map_collect(|&g, &x, &y| g * select_share(y, x, y < x)),
-            BinaryOp::Maximum => Zip::from(&g)
-                .and(&ab)
-                .and(&bb)
-                .map_collect(|&g, &x, &y| g * select_share(y, x, y > x)),
+            BinaryOp::Mul => zip2(g.view(), ab.view(), |g, x| g * x),
+            BinaryOp::Div => zip3(g.view(), out.view(), bb.view(), |g, o, y| -g * o / y),
+            BinaryOp::Minimum => zip3(g.view(), ab.view(), bb.view(), |g, x, y| g * select_share(y, x, y < x)),
+            BinaryOp::Maximum => zip3(g.view(), ab.view(), bb.view(), |g, x, y| g * select_share(y, x, y > x)),
         })
     };
     if let Some(ga) = ga {
@@ -269,6 +269,32 @@ mod tests {
         let g = t.backward(l);
         assert_eq!(g.get(a).unwrap().as_slice().unwrap(), &[0.5, 1.0]);
         assert_eq!(g.get(b).unwrap().as_slice().unwrap(), &[0.5, 0.0]);
+    }
+
+    #[test]
+    fn large_maps_take_the_parallel_path_with_the_same_values() {
+        // SiLU as exported (Sigmoid, Mul) plus a broadcast per-channel Add, on
+        // a map past PAR_MIN: values and gradients equal the closed forms
+        let shape = [2, 4, 64, 65];
+        assert!(shape.iter().product::<usize>() >= PAR_MIN);
+        let x = rand_array(&shape, 1, -3.0, 3.0);
+        let c = rand_array(&[1, 4, 1, 1], 2, -1.0, 1.0);
+        let mut t = Tape::new();
+        let (xv, cv) = (t.param(x.clone()), t.param(c.clone()));
+        let s = t.sigmoid(xv);
+        let y = t.mul(xv, s);
+        let z = t.add(y, cv);
+        let l = t.sum(z);
+        let g = t.backward(l);
+        let sig = crate::autograd::unary::sigmoid;
+        for (idx, &xv_) in x.indexed_iter() {
+            let sv = sig(xv_);
+            assert_eq!(t.value(z)[&idx], xv_ * sv + c[[0, idx[1], 0, 0]]);
+            let want = sv + xv_ * sv * (1.0 - sv);
+            assert!((g.get(xv).unwrap()[&idx] - want).abs() < 1e-6);
+        }
+        let per_channel = (shape[0] * shape[2] * shape[3]) as f32;
+        assert!(g.get(cv).unwrap().iter().all(|&v| v == per_channel));
     }
 
     #[test]

@@ -3,11 +3,14 @@
 // Out: `Tape::backward(loss)` -> `Grads` for the parameter leaves.
 
 pub mod binary;
+pub mod conv;
 pub mod conv1x1;
 pub mod loss_ops;
 pub mod matmul;
 pub mod obj_bce;
+pub mod pool;
 pub mod reduce;
+pub mod resize;
 pub mod shape;
 pub mod tape;
 pub mod unary;

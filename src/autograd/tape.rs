@@ -11,7 +11,8 @@
 
 use ndarray::ArrayD;
 
-use super::{binary, conv1x1, loss_ops, matmul, obj_bce, reduce, shape, unary};
+use super::{binary, conv, conv1x1, loss_ops, matmul, obj_bce, pool, reduce, resize, shape, unary};
+use crate::tail::ops::{ConvSpec, ConvTransposeSpec};
 
 /// Index of a value on the tape. Only meaningful for the tape that made it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -50,6 +51,31 @@ pub enum Op {
         b: Var,
         picks: Vec<conv1x1::Pick>,
         groups: usize,
+    },
+    /// ONNX Conv / ConvTranspose on NCHW maps (autograd::conv).
+    Conv2d {
+        x: Var,
+        w: Var,
+        b: Option<Var>,
+        spec: ConvSpec,
+    },
+    ConvTranspose2d {
+        x: Var,
+        w: Var,
+        b: Option<Var>,
+        spec: ConvTransposeSpec,
+    },
+    /// ONNX MaxPool; `argmax[i]` is output i's winning cell in its input
+    /// plane (u32::MAX: none).
+    MaxPool2d {
+        x: Var,
+        argmax: Vec<u32>,
+    },
+    /// Nearest resize; output row/column i reads input row `ys[i]` / column `xs[i]`.
+    ResizeNearest {
+        x: Var,
+        ys: Vec<usize>,
+        xs: Vec<usize>,
     },
     BceWithLogits {
         logits: Var,
@@ -201,6 +227,10 @@ impl Tape {
                 } => matmul::linear_grouped_backward(self, *x, *w, *b, *bs, *groups, g, &mut acc),
                 Op::Conv1x1Channels { x, w, b, chans } => conv1x1::channels_backward(self, *x, *w, *b, chans, g, &mut acc),
                 Op::Conv1x1At { x, w, b, picks, groups } => conv1x1::at_backward(self, *x, *w, *b, picks, *groups, g, &mut acc),
+                Op::Conv2d { x, w, b, spec } => conv::conv2d_backward(self, *x, *w, *b, spec, g, &mut acc),
+                Op::ConvTranspose2d { x, w, b, spec } => conv::conv_transpose2d_backward(self, *x, *w, *b, spec, g, &mut acc),
+                Op::MaxPool2d { x, argmax } => pool::max_pool2d_backward(self, *x, argmax, g, &mut acc),
+                Op::ResizeNearest { x, ys, xs } => resize::resize_nearest_backward(self, *x, ys, xs, g, &mut acc),
                 Op::BceWithLogits {
                     logits,
                     targets,

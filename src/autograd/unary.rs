@@ -86,7 +86,10 @@ fn derivative(op: UnaryOp, x: f32, y: f32) -> f32 {
 
 impl Tape {
     pub fn unary(&mut self, op: UnaryOp, a: Var) -> Var {
-        let v = self.value(a).mapv(|x| forward(op, x));
+        let x = self.value(a);
+        // large maps (the tail's activations) in parallel; elementwise, so
+        // the values do not depend on it
+        let v = if x.len() >= super::binary::PAR_MIN { Zip::from(x).par_map_collect(|&x| forward(op, x)) } else { x.mapv(|x| forward(op, x)) };
         self.push_op(v, Op::Unary(op, a), &[a])
     }
     pub fn neg(&mut self, a: Var) -> Var {
@@ -137,10 +140,14 @@ pub fn backward(
             let d = derivative(op, 0.0, 0.0);
             g.mapv_inplace(|v| v * d);
         }
-        _ => Zip::from(&mut g)
-            .and(t.value(a))
-            .and(out)
-            .for_each(|g, &x, &y| *g *= derivative(op, x, y)),
+        _ => {
+            let z = Zip::from(&mut g).and(t.value(a)).and(out);
+            if out.len() >= super::binary::PAR_MIN {
+                z.par_for_each(|g, &x, &y| *g *= derivative(op, x, y))
+            } else {
+                z.for_each(|g, &x, &y| *g *= derivative(op, x, y))
+            }
+        }
     }
     acc.add(a, g);
 }

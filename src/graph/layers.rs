@@ -157,6 +157,16 @@ pub fn infer_shapes<'g>(ix: &GraphIndex<'g>, input: &str, imgsz: [usize; 2]) -> 
                 conv_like(&first, &k, w.dims[0] as usize)
             }),
             "MaxPool" => onnx::attr_ints(node, "kernel_shape").map(|k| conv_like(&first, &k, first[1])),
+            // ONNX ConvTranspose: out = stride·(in − 1) + output_padding + dilation·(k − 1) + 1 − pads
+            "ConvTranspose" => node.input.get(1).and_then(|w| ix.initializers.get(w.as_str())).map(|w| {
+                let group = onnx::attr(node, "group").map_or(1, |a| a.i.max(1)) as usize;
+                let strides = onnx::attr_ints(node, "strides").unwrap_or(vec![1, 1]);
+                let pads = onnx::attr_ints(node, "pads").unwrap_or(vec![0; 4]);
+                let dil = onnx::attr_ints(node, "dilations").unwrap_or(vec![1, 1]);
+                let opad = onnx::attr_ints(node, "output_padding").unwrap_or(vec![0, 0]);
+                let out = |i: usize| (strides[i] * (first[2 + i] as i64 - 1) + opad[i] + dil[i] * (w.dims[2 + i] - 1) + 1 - pads[i] - pads[i + 2]).max(0) as usize;
+                vec![first[0], w.dims[1] as usize * group, out(0), out(1)]
+            }),
             "Concat" => {
                 let all: Option<Vec<_>> = node.input.iter().map(|i| shapes.get(i.as_str())).collect();
                 all.map(|a| {

@@ -19,6 +19,7 @@
 use std::arch::x86_64::*;
 
 pub mod bce;
+pub mod conv;
 
 use std::ops::Range;
 

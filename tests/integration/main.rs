@@ -13,6 +13,7 @@ mod letterbox;
 mod loss_parity;
 mod metrics_parity;
 mod predict;
+mod tail;
 mod robust;
 mod train;
 mod val;

@@ -1,0 +1,189 @@
+// Timing check (not a test): the tail convolutions against the machine's peak.
+// 1. The f32 FMA peak, from a tight loop of independent FMAs (AVX2 8-wide and,
+//    where the CPU has it, AVX-512 16-wide), on 1 and 2 threads.
+// 2. GFLOP/s of conv2d forward, backward-weights (dW, db) and backward-input
+//    (dX) for the conv shapes of yolov5n's layers 10..23 at 640, batch 16
+//    (from ../shared/models/yolov5n.onnx), on 1 and 2 rayon threads, as a % of
+//    that peak. FLOPs count 2·N·M·(C/g·kH·kW)·H'·W' per pass (padding
+//    included), the convention oneDNN and PyTorch benchmarks use.
+// Run: cargo run --release --features tools --example bench_conv [BATCH]
+
+use std::time::Instant;
+
+use freezesplit::autograd::Tape;
+use freezesplit::tail::ops::ConvSpec;
+use ndarray::{ArrayD, IxDyn};
+
+#[cfg(target_arch = "x86_64")]
+mod peak {
+    use std::arch::x86_64::*;
+
+    const ITERS: u64 = 200_000_000;
+
+    /// 12 independent 8-wide FMA chains: enough to cover a 4-cycle latency on
+    /// two FMA ports.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fma_avx2(iters: u64) -> f32 {
+        let mut acc = [_mm256_set1_ps(1.0); 12];
+        let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm256_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut s = _mm256_setzero_ps();
+        for v in acc {
+            s = _mm256_add_ps(s, v);
+        }
+        let mut l = [0.0f32; 8];
+        // SAFETY: l holds 8 floats.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), s) };
+        l.iter().sum()
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fma_avx512(iters: u64) -> f32 {
+        let mut acc = [_mm512_set1_ps(1.0); 12];
+        let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for v in acc {
+            s = _mm512_add_ps(s, v);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
+    /// GFLOP/s of `threads` copies of the loop at `width` lanes.
+    pub fn gflops(width: usize, threads: usize) -> f64 {
+        let iters = ITERS / width as u64;
+        let t0 = std::time::Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(move || {
+                    // SAFETY: callers check the CPU features first.
+                    let v = unsafe { if width == 16 { fma_avx512(iters) } else { fma_avx2(iters) } };
+                    std::hint::black_box(v);
+                });
+            }
+        });
+        let flops = 2.0 * 12.0 * width as f64 * iters as f64 * threads as f64;
+        flops / t0.elapsed().as_secs_f64() / 1e9
+    }
+}
+
+fn rand(shape: &[usize], seed: u64) -> ArrayD<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((s >> 40) as f32) / ((1u64 << 24) as f32) - 0.5
+    })
+}
+
+/// (name, cin, cout, k, stride, input size) of yolov5n's tail convs at 640
+/// (the same shape appears in several layers; one row each).
+const SHAPES: &[(&str, usize, usize, usize, usize, usize)] = &[
+    ("L10 1x1 256>128 @20", 256, 128, 1, 1, 20),
+    ("L13.cv1 1x1 256>64 @40", 256, 64, 1, 1, 40),
+    ("L13.m 3x3 64>64 @40", 64, 64, 3, 1, 40),
+    ("L13.cv3 1x1 128>128 @40", 128, 128, 1, 1, 40),
+    ("L14 1x1 128>64 @40", 128, 64, 1, 1, 40),
+    ("L17.cv1 1x1 128>32 @80", 128, 32, 1, 1, 80),
+    ("L17.m.cv1 1x1 32>32 @80", 32, 32, 1, 1, 80),
+    ("L17.m 3x3 32>32 @80", 32, 32, 3, 1, 80),
+    ("L17.cv3 1x1 64>64 @80", 64, 64, 1, 1, 80),
+    ("L18 3x3 s2 64>64 80>40", 64, 64, 3, 2, 80),
+    ("L21 3x3 s2 128>128 40>20", 128, 128, 3, 2, 40),
+    ("L23.m 3x3 128>128 @20", 128, 128, 3, 1, 20),
+    ("L23.cv3 1x1 256>256 @20", 256, 256, 1, 1, 20),
+];
+
+/// Best-of-`reps` seconds of `f`.
+fn best(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// (forward, backward dW+db, backward dX) seconds of one conv shape.
+fn time_conv(n: usize, cin: usize, cout: usize, k: usize, s: usize, hw: usize) -> [f64; 3] {
+    let spec = ConvSpec::square(k, s, k / 2);
+    let x = rand(&[n, cin, hw, hw], 1);
+    let w = rand(&[cout, cin, k, k], 2);
+    let b = rand(&[cout], 3);
+    let reps = 3;
+    let mut t = Tape::new();
+    let (xv, wv, bv) = (t.constant(x.clone()), t.constant(w.clone()), t.constant(b.clone()));
+    let fwd = best(reps, || {
+        std::hint::black_box(t.conv2d(xv, wv, Some(bv), &spec));
+    });
+    drop(t);
+    let bwd = |x_param: bool| {
+        let mut t = Tape::new();
+        let xv = if x_param { t.param(x.clone()) } else { t.constant(x.clone()) };
+        let (wv, bv) = if x_param { (t.constant(w.clone()), t.constant(b.clone())) } else { (t.param(w.clone()), t.param(b.clone())) };
+        let y = t.conv2d(xv, wv, Some(bv), &spec);
+        best(reps, || {
+            std::hint::black_box(t.backward(y));
+        })
+    };
+    [fwd, bwd(false), bwd(true)]
+}
+
+fn main() {
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(16);
+    let mut peak1 = 0.0;
+    let mut peak2 = 0.0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            let (a1, a2) = (peak::gflops(8, 1), peak::gflops(8, 2));
+            println!("FMA peak AVX2    (8 lanes):  1 thread {a1:7.1} GFLOP/s   2 threads {a2:7.1} GFLOP/s");
+            (peak1, peak2) = (a1, a2);
+        }
+        if is_x86_feature_detected!("avx512f") {
+            let (a1, a2) = (peak::gflops(16, 1), peak::gflops(16, 2));
+            println!("FMA peak AVX-512 (16 lanes): 1 thread {a1:7.1} GFLOP/s   2 threads {a2:7.1} GFLOP/s");
+            (peak1, peak2) = (f64::max(peak1, a1), f64::max(peak2, a2));
+        }
+    }
+    println!("batch {n}; GFLOP/s and % of the best peak above (fwd | dW | dX)");
+    for threads in [1usize, 2] {
+        let peak = if threads == 1 { peak1 } else { peak2 };
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        println!("-- {threads} thread(s), peak {peak:.1} GFLOP/s");
+        let mut tot = [0.0f64; 3];
+        let mut flops_tot = 0.0;
+        for &(name, cin, cout, k, s, hw) in SHAPES {
+            let oh = (hw + 2 * (k / 2) - k) / s + 1;
+            let flops = 2.0 * (n * cout * cin * k * k * oh * oh) as f64;
+            let t = pool.install(|| time_conv(n, cin, cout, k, s, hw));
+            let g: Vec<f64> = t.iter().map(|&s| flops / s / 1e9).collect();
+            println!(
+                "{name:26} {:6.1} {:4.0}% | {:6.1} {:4.0}% | {:6.1} {:4.0}%   ({:.1} / {:.1} / {:.1} ms)",
+                g[0],
+                100.0 * g[0] / peak,
+                g[1],
+                100.0 * g[1] / peak,
+                g[2],
+                100.0 * g[2] / peak,
+                t[0] * 1e3,
+                t[1] * 1e3,
+                t[2] * 1e3
+            );
+            for i in 0..3 {
+                tot[i] += t[i];
+            }
+            flops_tot += flops;
+        }
+        let g: Vec<f64> = tot.iter().map(|&s| flops_tot / s / 1e9).collect();
+        println!("{:26} {:6.1} {:4.0}% | {:6.1} {:4.0}% | {:6.1} {:4.0}%", "all shapes", g[0], 100.0 * g[0] / peak, g[1], 100.0 * g[1] / peak, g[2], 100.0 * g[2] / peak);
+    }
+}
