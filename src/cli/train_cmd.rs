@@ -30,7 +30,7 @@ pub struct TrainArgs {
     /// Image size (static exports use their own)
     #[arg(long)]
     pub imgsz: Option<usize>,
-    /// A YOLOv5 hyp yaml (default: the values of hyp.scratch-low.yaml)
+    /// A YOLOv5 hyp yaml or a preset: hyp.finetune (default), hyp.scratch-low
     #[arg(long)]
     pub hyp: Option<PathBuf>,
     /// head: every row of the head; cls: only the class rows
@@ -46,15 +46,15 @@ pub struct TrainArgs {
     pub cos_lr: bool,
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
-    /// Learning-rate multiplier of the box rows
-    #[arg(long, default_value_t = 1.0)]
-    pub lr_box: f64,
-    /// Learning-rate multiplier of the objectness rows
-    #[arg(long, default_value_t = 1.0)]
-    pub lr_obj: f64,
-    /// Learning-rate multiplier of the class rows
-    #[arg(long, default_value_t = 1.0)]
-    pub lr_cls: f64,
+    /// Learning-rate multiplier of the box rows (default: the hyp's lr_box)
+    #[arg(long)]
+    pub lr_box: Option<f64>,
+    /// Learning-rate multiplier of the objectness rows (default: the hyp's lr_obj)
+    #[arg(long)]
+    pub lr_obj: Option<f64>,
+    /// Learning-rate multiplier of the class rows (default: the hyp's lr_cls)
+    #[arg(long)]
+    pub lr_cls: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, default_value = "runs/train")]
@@ -132,7 +132,9 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
         bail!("--batch-size must be at least 1");
     }
     for (flag, v) in [("--lr-box", a.lr_box), ("--lr-obj", a.lr_obj), ("--lr-cls", a.lr_cls)] {
-        if !(v >= 0.0 && v.is_finite()) {
+        if let Some(v) = v
+            && !(v >= 0.0 && v.is_finite())
+        {
             bail!("{flag} must be a non-negative number, got {v}");
         }
     }
@@ -141,25 +143,26 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
     }
     let model = Model::load(&weights)?;
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
-    let hyp = match &a.hyp {
-        Some(p) => TrainHyp::load(p)?,
-        None => TrainHyp::default(),
-    };
+    let mut hyp = TrainHyp::resolve(a.hyp.as_deref())?;
+    // a flag given explicitly overrides the hyp's key; hyp.yaml shows the result
+    hyp.lr_box = a.lr_box.unwrap_or(hyp.lr_box);
+    hyp.lr_obj = a.lr_obj.unwrap_or(hyp.lr_obj);
+    hyp.lr_cls = a.lr_cls.unwrap_or(hyp.lr_cls);
     Ok(TrainOptions {
         weights,
         data,
         epochs: a.epochs,
         batch_size: a.batch_size,
         imgsz,
-        hyp,
         train: a.train,
         reinit_head: a.reinit_head,
         optimizer: a.optimizer,
         cos_lr: a.cos_lr,
         label_smoothing: a.label_smoothing,
-        lr_box: a.lr_box,
-        lr_obj: a.lr_obj,
-        lr_cls: a.lr_cls,
+        lr_box: hyp.lr_box,
+        lr_obj: hyp.lr_obj,
+        lr_cls: hyp.lr_cls,
+        hyp,
         seed: a.seed,
         save_dir: increment_path(&a.project, &a.name),
         cache_dir: a.cache_dir.clone().unwrap_or_else(default_cache_dir),
