@@ -5,7 +5,7 @@
 #   tools/sweep_defaults.sh NAME [TRAIN ARGS...]      # e.g. box01 --lr-box 0.1
 #   tools/sweep_defaults.sh --summary                 # the table of every run so far
 #
-# Each run: yolov5n.onnx at 640, batch 16, EPOCHS epochs (default 30),
+# Each run: yolov5n.onnx at 640, batch 16, EPOCHS epochs (default: train's),
 # --engine ort, one shared cache (CACHE, default /work/cache), run directories
 # PROJECT/NAME-DATASET (default /work/runs-defaults). The datasets (DATASETS, default
 # both): vehicles = vehicles_openimages (new class set, 5 classes), coco = coco128
@@ -25,7 +25,7 @@ project=${PROJECT:-/work/runs-defaults}
 cache=${CACHE:-/work/cache}
 bin=${BIN:-"$root/target/debug/freezesplit"}
 datasets=${DATASETS:-"vehicles coco"}
-epochs=${EPOCHS:-30}
+epochs=${EPOCHS:+--epochs $EPOCHS}
 
 data_of() {
   case $1 in
@@ -65,7 +65,7 @@ for ds in $datasets; do
     summary_line "$run"; continue   # done before: the sweep can be restarted
   fi
   rm -rf "$run" "$project/$name-$ds.tmp"
-  "$bin" train --weights "$shared/models/yolov5n.onnx" --data "$(data_of "$ds")" --batch-size 16 --epochs "$epochs" \
+  "$bin" train --weights "$shared/models/yolov5n.onnx" --data "$(data_of "$ds")" --batch-size 16 $epochs \
     --engine ort --cache-dir "$cache" --project "$project" --name "$name-$ds.tmp" "$@" >"$project/$name-$ds.log" 2>&1 \
     || { echo "failed: $name-$ds (see $project/$name-$ds.log)" >&2; exit 1; }
   # increment_path may have added a number; the run is named after the setting

@@ -23,7 +23,8 @@ pub struct TrainArgs {
     /// data.yaml of an Ultralytics-layout dataset
     #[arg(long, required_unless_present = "resume")]
     pub data: Option<PathBuf>,
-    #[arg(long, default_value_t = 30)]
+    /// Epochs (default 50, README "Training defaults")
+    #[arg(long, default_value_t = 50)]
     pub epochs: usize,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
