@@ -28,7 +28,7 @@ pub struct TrainArgs {
     /// data.yaml of an Ultralytics-layout dataset
     #[arg(long, required_unless_present = "resume")]
     pub data: Option<PathBuf>,
-    /// Epochs [default: 30]
+    /// Epochs [default: 50, README "Training defaults"]
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Images per batch, at most the train split's [default: 16]
@@ -37,7 +37,7 @@ pub struct TrainArgs {
     /// Image size (static exports use their own)
     #[arg(long)]
     pub imgsz: Option<usize>,
-    /// A YOLOv5 hyp yaml (default: the values of hyp.scratch-low.yaml)
+    /// A YOLOv5 hyp yaml or a preset: hyp.finetune (default), hyp.scratch-low
     #[arg(long)]
     pub hyp: Option<PathBuf>,
     /// head: every row of the head; cls: only the class rows [default: head]
@@ -55,13 +55,13 @@ pub struct TrainArgs {
     /// Label smoothing epsilon in [0, 1) [default: 0]
     #[arg(long)]
     pub label_smoothing: Option<f64>,
-    /// Learning-rate multiplier of the box rows [default: 1]
+    /// Learning-rate multiplier of the box rows [default: the hyp's lr_box]
     #[arg(long)]
     pub lr_box: Option<f64>,
-    /// Learning-rate multiplier of the objectness rows [default: 1]
+    /// Learning-rate multiplier of the objectness rows [default: the hyp's lr_obj]
     #[arg(long)]
     pub lr_obj: Option<f64>,
-    /// Learning-rate multiplier of the class rows [default: 1]
+    /// Learning-rate multiplier of the class rows [default: the hyp's lr_cls]
     #[arg(long)]
     pub lr_cls: Option<f64>,
     /// [default: 0]
@@ -230,20 +230,27 @@ fn before_after(b: &crate::val::ValReport, a: &crate::val::ValReport, best_epoch
 fn settings(a: &TrainArgs) -> Result<TrainOptions> {
     let weights = a.weights.clone().unwrap();
     let data = a.data.clone().unwrap();
-    let epochs = a.epochs.unwrap_or(30);
+    let epochs = a.epochs.unwrap_or(50);
     let batch_size = a.batch_size.unwrap_or(16);
     let label_smoothing = a.label_smoothing.unwrap_or(0.0);
     let train = a.train.unwrap_or(TrainWhat::Head);
-    let [lr_box, lr_obj, lr_cls] = [a.lr_box, a.lr_obj, a.lr_cls].map(|v| v.unwrap_or(1.0));
+    let mut hyp = TrainHyp::resolve(a.hyp.as_deref())?;
+    // a flag given explicitly overrides the hyp's key; hyp.yaml shows the result
+    hyp.lr_box = a.lr_box.unwrap_or(hyp.lr_box);
+    hyp.lr_obj = a.lr_obj.unwrap_or(hyp.lr_obj);
+    hyp.lr_cls = a.lr_cls.unwrap_or(hyp.lr_cls);
+    let [lr_box, lr_obj, lr_cls] = [hyp.lr_box, hyp.lr_obj, hyp.lr_cls];
     if epochs == 0 {
         bail!("--epochs must be at least 1, got 0");
     }
     if batch_size == 0 {
         bail!("--batch-size must be at least 1, got 0");
     }
-    for (flag, v) in [("--lr-box", lr_box), ("--lr-obj", lr_obj), ("--lr-cls", lr_cls)] {
-        if !(v >= 0.0 && v.is_finite()) {
-            bail!("{flag} must be a finite number in [0, inf), got {v}");
+    for (flag, v) in [("--lr-box", a.lr_box), ("--lr-obj", a.lr_obj), ("--lr-cls", a.lr_cls)] {
+        if let Some(v) = v
+            && !(v >= 0.0 && v.is_finite())
+        {
+            bail!("{flag} must be a non-negative number, got {v}");
         }
     }
     if !(0.0..1.0).contains(&label_smoothing) {
@@ -260,10 +267,6 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
     }
     let model = Model::load(&weights)?;
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
-    let hyp = match &a.hyp {
-        Some(p) => TrainHyp::load(p)?,
-        None => TrainHyp::default(),
-    };
     let project = a.project.clone().unwrap_or_else(|| PathBuf::from("runs/train"));
     let save_dir = claim(&project, a.name.as_deref().unwrap_or("exp"), a.exist_ok)?;
     Ok(TrainOptions {
@@ -272,15 +275,15 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
         epochs,
         batch_size,
         imgsz,
-        hyp,
         train,
         reinit_head: a.reinit_head,
         optimizer: a.optimizer.unwrap_or(OptimizerKind::Sgd),
         cos_lr: a.cos_lr,
         label_smoothing,
-        lr_box,
-        lr_obj,
-        lr_cls,
+        lr_box: hyp.lr_box,
+        lr_obj: hyp.lr_obj,
+        lr_cls: hyp.lr_cls,
+        hyp,
         seed: a.seed.unwrap_or(0),
         patience: a.patience.unwrap_or_else(train::default_patience),
         save_period: a.save_period.unwrap_or_else(train::default_save_period),

@@ -1,5 +1,13 @@
-//! A YOLOv5 hyp yaml in (`data/hyps/hyp.*.yaml`); the training
-//! hyperparameters out, with the defaults of hyp.scratch-low.yaml.
+//! A YOLOv5 hyp yaml (`data/hyps/hyp.*.yaml`) or the name of a built-in preset
+//! in; the training hyperparameters out. Keys a file lacks take the values of
+//! hyp.scratch-low.yaml (`TrainHyp::default()`).
+//!
+//! Besides YOLOv5's keys a hyp may carry `lr_box`, `lr_obj` and `lr_cls`: the
+//! learning-rate multipliers of the head's box, objectness and class rows
+//! (YOLOv5's files lack them, so they train every row alike, multiplier 1).
+//! `train`'s default is the preset `hyp.finetune` (hyp.finetune.yaml, embedded):
+//! fine-tuning a pretrained head wants its box rows moved gently, which YOLOv5's
+//! from-scratch values do not (issue 10, item 15; README "Train the head").
 //!
 //! Augmentation keys (mosaic, hsv_*, degrees, ...) are accepted but cannot
 //! apply to cached features: they are listed back to the user as not applied.
@@ -30,10 +38,33 @@ pub struct TrainHyp {
     pub iou_t: f64,
     pub anchor_t: f64,
     pub fl_gamma: f64,
+    /// Learning-rate multiplier of the box rows (freezesplit's key; 1 when absent).
+    #[serde(default = "one")]
+    pub lr_box: f64,
+    /// Learning-rate multiplier of the objectness rows.
+    #[serde(default = "one")]
+    pub lr_obj: f64,
+    /// Learning-rate multiplier of the class rows.
+    #[serde(default = "one")]
+    pub lr_cls: f64,
     /// Keys of the file that only augmentation uses, with their values.
     #[serde(skip)]
     pub not_applied: BTreeMap<String, f64>,
 }
+
+fn one() -> f64 {
+    1.0
+}
+
+/// `train`'s default: the fine-tuning preset.
+pub const DEFAULT_PRESET: &str = "hyp.finetune";
+
+/// The built-in presets, by the name `--hyp` accepts.
+const PRESETS: &[(&str, Option<&str>)] = &[
+    ("hyp.finetune", Some(include_str!("hyp.finetune.yaml"))),
+    // YOLOv5's hyp.scratch-low.yaml: the Default values, multipliers 1
+    ("hyp.scratch-low", None),
+];
 
 const AUGMENTATION_KEYS: &[&str] = &[
     "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud", "fliplr", "mosaic", "mixup", "copy_paste",
@@ -58,12 +89,42 @@ impl Default for TrainHyp {
             iou_t: 0.20,
             anchor_t: 4.0,
             fl_gamma: 0.0,
+            lr_box: 1.0,
+            lr_obj: 1.0,
+            lr_cls: 1.0,
             not_applied: BTreeMap::new(),
         }
     }
 }
 
 impl TrainHyp {
+    /// A built-in preset by name (`hyp.finetune`, `hyp.scratch-low`; the
+    /// `hyp.` prefix may be left out).
+    pub fn preset(name: &str) -> Option<TrainHyp> {
+        let full = if name.starts_with("hyp.") { name.to_string() } else { format!("hyp.{name}") };
+        let (_, text) = PRESETS.iter().find(|(n, _)| *n == full)?;
+        Some(match text {
+            Some(t) => Self::parse(t).expect("the embedded preset parses"),
+            None => TrainHyp::default(),
+        })
+    }
+
+    /// `--hyp`'s value: an existing file is read as a hyp yaml, else the name
+    /// of a preset; `None` gives the default preset.
+    pub fn resolve(arg: Option<&Path>) -> Result<TrainHyp> {
+        let Some(p) = arg else { return Ok(Self::preset(DEFAULT_PRESET).unwrap()) };
+        if p.exists() {
+            return Self::load(p);
+        }
+        match p.to_str().and_then(Self::preset) {
+            Some(h) => Ok(h),
+            None => {
+                let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+                bail!("--hyp {}: no such file and not a preset; give a YOLOv5 hyp yaml or one of {}", p.display(), names.join(", "))
+            }
+        }
+    }
+
     /// Reads a hyp yaml; a value of the wrong type or an unknown key is an
     /// error naming the file and the key.
     pub fn load(path: &Path) -> Result<TrainHyp> {
@@ -95,12 +156,18 @@ impl TrainHyp {
                 "iou_t" => &mut h.iou_t,
                 "anchor_t" => &mut h.anchor_t,
                 "fl_gamma" => &mut h.fl_gamma,
+                "lr_box" => &mut h.lr_box,
+                "lr_obj" => &mut h.lr_obj,
+                "lr_cls" => &mut h.lr_cls,
                 k if AUGMENTATION_KEYS.contains(&k) => {
                     h.not_applied.insert(key.clone(), v);
                     continue;
                 }
                 other => bail!("unknown hyp key `{other}`"),
             };
+            if key.starts_with("lr_") && !(v >= 0.0 && v.is_finite()) {
+                bail!("hyp key `{key}` must be a non-negative number, found {v}");
+            }
             *slot = v;
         }
         h.validate()?;
@@ -192,5 +259,50 @@ mod tests {
             assert!(format!("{e:#}").contains(want), "{text}: {e:#}");
         }
         TrainHyp::default().validate().unwrap();
+    }
+
+    /// YOLOv5's data/hyps/hyp.scratch-low.yaml (v7.0), without its comments.
+    const SCRATCH_LOW: &str = "lr0: 0.01\nlrf: 0.01\nmomentum: 0.937\nweight_decay: 0.0005\nwarmup_epochs: 3.0\nwarmup_momentum: 0.8\nwarmup_bias_lr: 0.1\nbox: 0.05\ncls: 0.5\ncls_pw: 1.0\nobj: 1.0\nobj_pw: 1.0\niou_t: 0.20\nanchor_t: 4.0\nfl_gamma: 0.0\nhsv_h: 0.015\nhsv_s: 0.7\nhsv_v: 0.4\ndegrees: 0.0\ntranslate: 0.1\nscale: 0.5\nshear: 0.0\nperspective: 0.0\nflipud: 0.0\nfliplr: 0.5\nmosaic: 1.0\nmixup: 0.0\ncopy_paste: 0.0\n";
+
+    #[test]
+    fn yolov5_files_train_every_row_alike() {
+        let h = TrainHyp::parse(SCRATCH_LOW).unwrap();
+        assert_eq!((h.lr_box, h.lr_obj, h.lr_cls), (1.0, 1.0, 1.0));
+        let mut plain = h.clone();
+        plain.not_applied.clear();
+        assert_eq!(plain, TrainHyp::default());
+        assert_eq!(TrainHyp::preset("hyp.scratch-low").unwrap(), TrainHyp::default());
+    }
+
+    #[test]
+    fn multiplier_keys_are_read_checked_and_written_back() {
+        let h = TrainHyp::parse("lr_box: 0.1\nlr_obj: 0.5\nlr_cls: 0\n").unwrap();
+        assert_eq!((h.lr_box, h.lr_obj, h.lr_cls), (0.1, 0.5, 0.0));
+        let yaml = h.to_yaml();
+        assert!(yaml.contains("lr_box: 0.1"), "{yaml}");
+        assert_eq!(TrainHyp::parse(&yaml).unwrap(), h);
+        let e = TrainHyp::parse("lr_box: -0.1\n").unwrap_err();
+        assert!(format!("{e:#}").contains("`lr_box` must be a non-negative number"), "{e:#}");
+        // an opt.yaml written before these keys existed still loads, with multipliers 1
+        let mut old: serde_yaml::Mapping = serde_yaml::from_str(&TrainHyp::default().to_yaml()).unwrap();
+        old.remove("lr_box");
+        let back: TrainHyp = serde_yaml::from_value(serde_yaml::Value::Mapping(old)).unwrap();
+        assert_eq!(back.lr_box, 1.0);
+    }
+
+    #[test]
+    fn the_default_is_the_finetune_preset_and_names_resolve() {
+        let ft = TrainHyp::resolve(None).unwrap();
+        assert_eq!(ft, TrainHyp::preset("hyp.finetune").unwrap());
+        assert_eq!(ft, TrainHyp::preset("finetune").unwrap());
+        assert_ne!(ft, TrainHyp::default());
+        // the embedded file names every key: nothing falls back to scratch-low unseen
+        let keys: serde_yaml::Mapping = serde_yaml::from_str(include_str!("hyp.finetune.yaml")).unwrap();
+        let all: serde_yaml::Mapping = serde_yaml::from_str(&ft.to_yaml()).unwrap();
+        assert_eq!(keys.len(), all.len());
+        assert_eq!(TrainHyp::resolve(Some(Path::new("hyp.scratch-low"))).unwrap(), TrainHyp::default());
+        let e = TrainHyp::resolve(Some(Path::new("hyp.finetuned"))).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("--hyp hyp.finetuned") && msg.contains("hyp.finetune, hyp.scratch-low"), "{msg}");
     }
 }

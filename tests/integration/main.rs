@@ -9,6 +9,7 @@ mod demo;
 mod export;
 mod graph;
 mod head_parity;
+mod hyp_defaults;
 mod letterbox;
 mod loss_parity;
 mod metrics_parity;

@@ -18,7 +18,7 @@ const MODEL: &str = "models/tiny-256-nc3-stripped.onnx";
 
 /// 8 train and 4 val images (fixture images with distinct trailing bytes),
 /// each with two labelled boxes; one label file has a bad line.
-fn dataset(dir: &Path, names: &[&str]) -> PathBuf {
+pub(crate) fn dataset(dir: &Path, names: &[&str]) -> PathBuf {
     dataset_n(dir, names, 8, 4)
 }
 
@@ -50,7 +50,7 @@ fn dataset_n(dir: &Path, names: &[&str], ntrain: usize, nval: usize) -> PathBuf 
     yaml
 }
 
-fn train(dir: &Path, yaml: &Path, name: &str, extra: &[&str]) -> Output {
+pub(crate) fn train(dir: &Path, yaml: &Path, name: &str, extra: &[&str]) -> Output {
     Command::new(common::bin())
         .args(["train", "--engine", "tract", "--epochs", "3", "--batch-size", "4", "--seed", "7", "--weights"])
         .arg(common::root().join(MODEL))
@@ -66,7 +66,7 @@ fn train(dir: &Path, yaml: &Path, name: &str, extra: &[&str]) -> Output {
         .unwrap()
 }
 
-fn ok(out: &Output) {
+pub(crate) fn ok(out: &Output) {
     assert!(out.status.success(), "train failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
