@@ -278,10 +278,11 @@ def main(argv=None) -> int:
         if val_loader is not None:
             t1 = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
-                (mp, mr, map50, map5095, *_), _, _ = yolov5_val.run(
+                results = yolov5_val.run(
                     data={**data, "nc": nc, "names": names}, batch_size=a.batch_size * 2, imgsz=a.imgsz,
                     half=False, model=state["ema"].ema, dataloader=val_loader, save_dir=Path(tmp),
                     plots=False, compute_loss=state["loss"], verbose=False)
+            mp, mr, map50, map5095 = results[0][:4]  # (P, R, mAP50, mAP50-95, *val losses), ...
             row.update(val_s=time.perf_counter() - t1, P=mp, R=mr, mAP50=map50, mAP50_95=map5095)
             line += f"  val {row['val_s']:.2f}s P {mp:.3f} R {mr:.3f} mAP50 {map50:.3f} mAP50-95 {map5095:.3f}"
         row["peak_rss_mb"] = peak_rss_mb()
