@@ -90,6 +90,9 @@ pub struct TrainArgs {
     /// [default: f16]
     #[arg(long, value_enum)]
     pub dtype: Option<Dtype>,
+    /// YOLOv5's --freeze: layers 0..N-1 frozen (cached), N..23 and the head trained; N in 10..=24 [default: 24]
+    #[arg(long)]
+    pub freeze: Option<usize>,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -158,6 +161,7 @@ impl TrainArgs {
             ("--exist-ok", self.exist_ok),
             ("--cache-dir", self.cache_dir.is_some()),
             ("--dtype", self.dtype.is_some()),
+            ("--freeze", self.freeze.is_some()),
         ];
         given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect()
     }
@@ -290,7 +294,13 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
         save_dir,
         cache_dir: a.cache_dir.clone().unwrap_or_else(default_cache_dir),
         dtype: a.dtype.unwrap_or(Dtype::F16),
+        freeze: a.freeze.unwrap_or(freezesplit_head_only()),
         engine: a.engine.options(),
         progress: true,
     })
+}
+
+
+fn freezesplit_head_only() -> usize {
+    crate::graph::cut::HEAD_ONLY
 }

@@ -97,6 +97,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         save_dir: save_dir.join("train"),
         cache_dir: save_dir.join("cache"),
         dtype: Dtype::F16,
+        freeze: crate::graph::cut::HEAD_ONLY,
         engine: opts.engine.clone(),
         progress: opts.progress,
     };

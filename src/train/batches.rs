@@ -100,9 +100,13 @@ pub fn load_batch(samples: &[&Sample], shapes: &[[usize; 3]], dtype: Dtype) -> R
         })
         .collect::<Result<_>>()?;
     let feats = (0..shapes.len()).map(|level| lend_level(&entries, level)).collect::<Result<Vec<_>>>()?;
+    Ok(Batch { feats, targets: targets_of(samples), bs })
+}
+
+/// The batch's targets `[n, 6]`: image index, class, x, y, w, h.
+pub fn targets_of(samples: &[&Sample]) -> Array2<f32> {
     let rows: Vec<[f32; 6]> = samples.iter().enumerate().flat_map(|(b, s)| s.targets.iter().map(move |t| [b as f32, t[0], t[1], t[2], t[3], t[4]])).collect();
-    let targets = Array2::from_shape_vec((rows.len(), 6), rows.into_iter().flatten().collect())?;
-    Ok(Batch { feats, targets, bs })
+    Array2::from_shape_vec((rows.len(), 6), rows.into_iter().flatten().collect()).expect("6 values a row")
 }
 
 #[cfg(test)]

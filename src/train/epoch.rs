@@ -37,8 +37,13 @@ pub fn train_epoch(run: &Run, st: &mut State, epoch: usize, opts: &TrainOptions)
         let at = run.schedule.at(epoch, i);
         let ni = (i + nb * epoch) as i64;
         let refs: Vec<&Sample> = chunk.iter().map(|&j| &run.train.samples[j]).collect();
-        let batch = load_batch(&refs, &run.shapes, opts.dtype)?;
-        let (l, g) = step(&st.params, batch, &run.cfg, &run.grids, &run.layout);
+        let (l, g) = match &run.tail {
+            None => step(&st.params, load_batch(&refs, &run.shapes, opts.dtype)?, &run.cfg, &run.grids, &run.layout),
+            Some(tail) => {
+                let targets = super::batches::targets_of(&refs);
+                super::tail::step(&st.params, super::tail::load_dense(&refs, &run.shapes, opts.dtype)?, targets.view(), refs.len(), &run.cfg, &run.grids, &run.layout, tail)
+            }
+        };
         if l.iter().any(|v| !v.is_finite()) {
             let what = format!("the training loss is not finite (box {} obj {} cls {})", l[0], l[1], l[2]);
             bail!(diverged(epoch, i, &what, !st.has_stepped(), &at, opts));
@@ -112,15 +117,16 @@ fn progress_bar(opts: &TrainOptions, nb: usize, epoch: usize) -> ProgressBar {
 /// `head` on the val split: P, R, mAP50, mAP50-95 and the mean per-batch val
 /// losses with the run's loss settings (train.py validates with its own
 /// ComputeLoss); zeros and NaN without a val split.
-pub fn evaluate(run: &Run, head: &Head) -> Result<([f64; 4], [f32; 3])> {
+pub fn evaluate(run: &Run, head: &Head, values: &Tensors) -> Result<([f64; 4], [f32; 3])> {
     if run.val_items.is_empty() {
         return Ok(([0.0; 4], [f32::NAN; 3]));
     }
-    let r = crate::val::validate_items(head, &run.val_items, &run.val_opts)?;
+    let items = run.val_items_for(values)?;
+    let r = crate::val::validate_items(head, &items, &run.val_opts)?;
     let bs = run.val_opts.batch_size;
     let mut sum = [0f64; 3];
     let mut batches = 0usize;
-    for (items, samples) in run.val_items.chunks(bs).zip(run.val.samples.chunks(bs)) {
+    for (items, samples) in items.chunks(bs).zip(run.val.samples.chunks(bs)) {
         let entries: Vec<_> = items.iter().map(|it| crate::cache::Entry::open_verified_before(&it.entry).map(std::sync::Arc::new)).collect::<Result<_>>()?;
         let targets: Vec<Array2<f32>> = samples.iter().map(|s| Array2::from_shape_vec((s.targets.len(), 5), s.targets.concat()).expect("5 values a target")).collect();
         let views: Vec<_> = targets.iter().map(|t| t.view()).collect();

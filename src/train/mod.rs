@@ -21,6 +21,7 @@ pub mod results;
 pub mod schedule;
 pub mod setup;
 pub mod state;
+pub mod tail;
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +30,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::Dtype;
 use crate::engine::EngineOptions;
-use crate::head::Head;
 use hyp::TrainHyp;
 use optim::{Ema, Optimizer, OptimizerKind};
 use params::{ParamStore, Tensors};
@@ -74,6 +74,9 @@ pub struct TrainOptions {
     pub save_dir: PathBuf,
     pub cache_dir: PathBuf,
     pub dtype: Dtype,
+    /// YOLOv5's `--freeze N`: layers 0..N-1 frozen and cached, N..23 and the head trained.
+    #[serde(default = "default_freeze")]
+    pub freeze: usize,
     #[serde(skip)]
     pub engine: EngineOptions,
     #[serde(skip)]
@@ -84,6 +87,11 @@ pub struct TrainOptions {
 pub fn default_patience() -> usize {
     100
 }
+/// `--freeze` of runs made before it existed: the head only.
+pub fn default_freeze() -> usize {
+    crate::graph::cut::HEAD_ONLY
+}
+
 /// train.py's `--save-period` default (off).
 pub fn default_save_period() -> i64 {
     -1
@@ -132,7 +140,10 @@ pub struct State {
 
 impl State {
     fn new(run: &Run, opts: &TrainOptions) -> State {
-        let params = run.layout.params(&run.head0, &run.row_lr);
+        let mut params = run.layout.params(&run.head0, &run.row_lr);
+        if let Some(t) = run.tail.as_ref().filter(|t| t.trains) {
+            tail::add_params(&t.net, &mut params);
+        }
         State {
             optimizer: Optimizer::new(opts.optimizer, &params, run.weight_decay),
             ema: Ema::new(&params),
@@ -189,7 +200,7 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
     std::fs::create_dir_all(&wdir).with_context(|| format!("cannot create {}", wdir.display()))?;
     let mut st = begin(&run, opts, &wdir, resume)?;
 
-    let before = if run.val_items.is_empty() { None } else { Some(crate::val::validate_items(&run.head0, &run.val_items, &run.val_opts)?) };
+    let before = if run.val_items.is_empty() { None } else { Some(crate::val::validate_items(&run.head0, &run.val_items_for(&st.params.values())?, &run.val_opts)?) };
     let train_start = std::time::Instant::now();
     let mut rows = Vec::new();
     for epoch in st.counters.epoch..opts.epochs {
@@ -197,7 +208,7 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
         let mloss = epoch::train_epoch(&run, &mut st, epoch, opts)?;
         let train_seconds = epoch_start.elapsed().as_secs_f64();
         let ema_head = run.layout.head(&run.head0, st.ema.values())?;
-        let (metrics, val) = epoch::evaluate(&run, &ema_head)?;
+        let (metrics, val) = epoch::evaluate(&run, &ema_head, st.ema.values())?;
         let row = EpochRow { epoch, train: mloss.map(|v| v as f32), metrics, val, lr: run.schedule.reported_lr(epoch) };
         eprintln!(
             "{:>5}  train box {:.4} obj {:.4} cls {:.4}  val P {:.3} R {:.3} mAP50 {:.3} mAP50-95 {:.3}  box {:.4} obj {:.4} cls {:.4}  ({:.2}s train + {:.2}s val)",
@@ -208,7 +219,7 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
         );
         let improved = finish_epoch(&mut st, &row)?;
         if opts.save_period > 0 && epoch % opts.save_period as usize == 0 {
-            ema_head.save(&wdir.join(format!("epoch{epoch}")), run.source.clone())?;
+            run.save_weights(st.ema.values(), &wdir.join(format!("epoch{epoch}")))?;
         }
         // the checkpoint first: what follows is derived from it
         state::save(&state_path(&wdir), &Checkpoint { counters: st.counters.clone(), state: st.state_dict(), results_csv: st.results_csv.clone() })?;
@@ -229,8 +240,8 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
     }
     let done = rows.len();
     eprintln!("{done} epochs completed in {:.1}s ({:.2}s per epoch)", train_start.elapsed().as_secs_f64(), train_start.elapsed().as_secs_f64() / done.max(1) as f64);
-    let after = match (run.val_items.is_empty(), Head::load(&wdir.join("best"))) {
-        (false, Ok(best)) => Some(crate::val::validate_items(&best, &run.val_items, &run.val_opts)?),
+    let after = match (run.val_items.is_empty(), &st.best) {
+        (false, Some(best)) => Some(crate::val::validate_items(&run.layout.head(&run.head0, best)?, &run.val_items_for(best)?, &run.val_opts)?),
         _ => None,
     };
     if let Err(e) = results::plot_run(save_dir, &save_dir.join("results.csv"), after.as_ref()) {
@@ -291,9 +302,9 @@ fn finish_epoch(st: &mut State, row: &EpochRow) -> Result<bool> {
 fn write_derived(run: &Run, st: &State, wdir: &Path, best_too: bool) -> Result<()> {
     let save_dir = wdir.parent().unwrap_or(Path::new("."));
     crate::fsutil::write_atomic(&save_dir.join("results.csv"), st.results_csv.as_bytes())?;
-    run.layout.head(&run.head0, st.ema.values())?.save(&wdir.join("last"), run.source.clone())?;
+    run.save_weights(st.ema.values(), &wdir.join("last"))?;
     if let (true, Some(best)) = (best_too, &st.best) {
-        run.layout.head(&run.head0, best)?.save(&wdir.join("best"), run.source.clone())?;
+        run.save_weights(best, &wdir.join("best"))?;
     }
     Ok(())
 }

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -48,6 +48,31 @@ pub struct Run {
     pub cache_seconds: f64,
     /// Provenance written next to every saved head.
     pub source: HashMap<String, String>,
+    /// Layers N..23 for `--freeze N` below 24.
+    pub tail: Option<super::tail::TailRun>,
+}
+
+impl Run {
+    /// The val items whose features the head reads: the cached entries at
+    /// N = 24; below, the head inputs computed by the tail with `values`.
+    pub fn val_items_for(&self, values: &super::params::Tensors) -> Result<std::borrow::Cow<'_, [ValItem]>> {
+        match &self.tail {
+            None => Ok(std::borrow::Cow::Borrowed(&self.val_items)),
+            Some(t) => {
+                let net = super::tail::net_with(&t.net, values);
+                Ok(std::borrow::Cow::Owned(super::tail::val_items(&net, &self.val_items, &self.shapes, self.val_opts.batch_size, t.val_dir.path())?))
+            }
+        }
+    }
+
+    /// Saves the head (and the tail below N = 24) with `values` as `stem`.
+    pub fn save_weights(&self, values: &super::params::Tensors, stem: &std::path::Path) -> Result<()> {
+        self.layout.head(&self.head0, values)?.save(stem, self.source.clone())?;
+        if let Some(t) = &self.tail {
+            super::tail::save(stem, &t.net, values)?;
+        }
+        Ok(())
+    }
 }
 
 pub fn prepare(opts: &TrainOptions) -> Result<Run> {
@@ -71,7 +96,15 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
     let (head0, note) = starting_head(&model, &data.names, opts)?;
 
     let cache_start = std::time::Instant::now();
-    let (cache, frozen) = FeatureCache::open(&opts.cache_dir, &model, opts.imgsz)?;
+    let cut = model.cut(opts.freeze)?;
+    let tail = if opts.freeze < crate::graph::cut::HEAD_ONLY {
+        let net = crate::tail::TailNet::build(&model, &cut, opts.imgsz).with_context(|| format!("cannot train layers {}..23 of {}", opts.freeze, opts.weights.display()))?;
+        let val_dir = tempfile::Builder::new().prefix("freezesplit-val-").tempdir().context("cannot create a temporary directory for the val features")?;
+        Some(super::tail::TailRun { net, trains: opts.train != TrainWhat::Cls, val_dir })
+    } else {
+        None
+    };
+    let (cache, frozen) = FeatureCache::open_at(&opts.cache_dir, &model, &cut, opts.imgsz)?;
     let mut engine = None;
     let train = prepare_split(&cache, &mut engine, &frozen, opts, &train_images, nc, "train")?;
     let val = prepare_split(&cache, &mut engine, &frozen, opts, &val_images, nc, "val")?;
@@ -87,7 +120,11 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
     let val_items: Vec<ValItem> = val.samples.iter().map(|s| ValItem { image: s.image.clone(), entry: s.entry.clone() }).collect();
 
     let shapes = train.shapes.clone();
-    let grids: Vec<(usize, usize)> = shapes.iter().map(|s| (s[1], s[2])).collect();
+    // the head's grids: the cached levels at N = 24, else imgsz / stride
+    let grids: Vec<(usize, usize)> = match &tail {
+        None => shapes.iter().map(|s| (s[1], s[2])).collect(),
+        Some(_) => head0.strides.iter().map(|&s| (opts.imgsz / s as usize, opts.imgsz / s as usize)).collect(),
+    };
     let anchors_grid: Vec<Vec<[f32; 2]>> = head0.anchors.iter().zip(&head0.strides).map(|(a, s)| a.iter().map(|[w, h]| [w / s, h / s]).collect()).collect();
     let loss_hyp = opts.hyp.loss_hyp(opts.label_smoothing);
     let cfg = LossConfig::new(scale_hyp(&loss_hyp, nc, head0.nl(), opts.imgsz), nc, anchors_grid);
@@ -115,7 +152,8 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
         schedule,
         cache_dir: cache.dir.clone(),
         cache_seconds,
-        source,
+        source: { let mut s = source; s.insert("freeze".into(), opts.freeze.to_string()); s },
+        tail,
     })
 }
 

@@ -89,6 +89,7 @@ pub struct ValReport {
 /// only while its batch is validated: a map held across a training run dies
 /// of SIGBUS when another process truncates the file; a fresh one is checked
 /// against the header, as training maps its batches.
+#[derive(Debug, Clone)]
 pub struct ValItem {
     pub image: PathBuf,
     pub entry: PathBuf,

@@ -70,3 +70,63 @@ fn tail_forward_reproduces_output0_for_every_n_on_the_shared_models() {
         check_model(&m, 320);
     }
 }
+
+/// Loss and gradients through the tail and the head against YOLOv5's
+/// ComputeLoss + backward on the BN-fused model (tests/fixtures/tail, made by
+/// tools/tail_fixtures.py): for N = 10, 17 and 24, every trainable tensor by
+/// its ONNX initializer name; loss ≤ 1e-4 relative, each gradient ≤ 1e-3 of
+/// its tensor's largest magnitude.
+#[test]
+fn tail_gradients_match_yolov5_for_freeze_10_17_24() {
+    use freezesplit::train::params::{HeadLayout, ParamStore};
+    use freezesplit::train::tail::{TailRun, add_params, step};
+    let model = Model::load(&common::root().join("models/tiny-320-op17.onnx")).unwrap();
+    let head = Head::from_model(&model).unwrap();
+    let layout = HeadLayout::of(&model);
+    let anchors: Vec<Vec<[f32; 2]>> = head.anchors.iter().zip(&head.strides).map(|(a, s)| a.iter().map(|[w, h]| [w / s, h / s]).collect()).collect();
+    let cfg = freezesplit::loss::LossConfig::new(freezesplit::loss::scale_hyp(&freezesplit::loss::Hyp::scratch_low(), 80, 3, 320), 80, anchors);
+    let grids: Vec<(usize, usize)> = head.strides.iter().map(|&s| (320 / s as usize, 320 / s as usize)).collect();
+    for n in [10, 17, 24] {
+        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(common::fixture(&format!("tail/n{n}.json"))).unwrap()).unwrap();
+        let bytes = std::fs::read(common::fixture(&format!("tail/n{n}.safetensors"))).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let get = |name: &str| -> ArrayD<f32> {
+            let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture n{n} lacks `{name}`"));
+            ArrayD::from_shape_vec(t.shape(), t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()).unwrap()
+        };
+        let cut = model.cut(n).unwrap();
+        let net = TailNet::build(&model, &cut, 320).unwrap();
+        let crossing: Vec<ArrayD<f32>> = cut.crossing.iter().map(|c| get(&c.name)).collect();
+        let fixture_crossing: Vec<&str> = meta["crossing"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        let mut ours: Vec<&str> = cut.crossing.iter().map(|c| c.name.as_str()).collect();
+        ours.sort();
+        let mut theirs = fixture_crossing.clone();
+        theirs.sort();
+        assert_eq!(ours, theirs, "N = {n}: crossing tensors");
+        let mut store: ParamStore = layout.params(&head, &vec![1.0; head.na() * head.no()]);
+        let tail = TailRun { net, trains: true, val_dir: tempfile::tempdir().unwrap() };
+        add_params(&tail.net, &mut store);
+        let targets = get("targets").into_dimensionality::<ndarray::Ix2>().unwrap();
+        let (l, grads) = step(&store, crossing, targets.view(), 2, &cfg, &grids, &layout, &tail);
+        let want = &meta["loss"];
+        for (k, name) in ["lbox", "lobj", "lcls"].iter().enumerate() {
+            let w = want[name].as_f64().unwrap() as f32;
+            assert!(((l[k] - w) / w).abs() <= 1e-4, "N = {n}: {name} {} vs YOLOv5's {w}", l[k]);
+        }
+        let mut checked = 0;
+        for name in st.names() {
+            if name == "targets" || fixture_crossing.contains(&name) {
+                continue;
+            }
+            let w = get(name);
+            let g = grads.get(name).unwrap_or_else(|| panic!("N = {n}: no gradient for `{name}`"));
+            assert_eq!(g.len(), w.len(), "N = {n}: `{name}`");
+            let scale = w.iter().fold(0f32, |a, x| a.max(x.abs()));
+            let d = g.iter().zip(w.iter()).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(d <= 1e-3 * scale, "N = {n}: gradient of `{name}` differs by {d} (largest {scale})");
+            checked += 1;
+        }
+        assert_eq!(checked, grads.len(), "N = {n}: every trainable tensor has a reference");
+        eprintln!("N = {n}: loss {l:?}, {checked} gradients checked");
+    }
+}
