@@ -86,7 +86,16 @@ pub fn resolve(path: &Path) -> Result<(Model, Head, Source)> {
     if !model_path.is_file() {
         bail!("the source model {src} named in {} does not exist", meta_path.display());
     }
-    let model = Model::load(&model_path)?;
+    let mut model = Model::load(&model_path)?;
+    // a run with --freeze below 24 trained layers N..23 too: they replace the
+    // source model's initializers of the same names
+    let tail = crate::train::tail::tail_path(&stem);
+    if tail.is_file() {
+        let tensors = crate::train::tail::load(&stem)?;
+        model.replace_initializers(&tensors).with_context(|| format!("the trained layers {} do not fit the source model {}", tail.display(), model_path.display()))?;
+    } else if meta.source.get("freeze").is_some_and(|n| n != "24") {
+        bail!("{} was trained with --freeze {} but its trained layers {} are missing", stem.display(), meta.source["freeze"], tail.display());
+    }
     check_fits(&model, &head).with_context(|| format!("the head {} does not fit its source model {}", stem.display(), model_path.display()))?;
     Ok((model, head, Source::Head { stem, model: model_path, run }))
 }

@@ -24,6 +24,9 @@ pub struct ExportArgs {
     #[arg(long)]
     pub dynamic: bool,
     /// Print one JSON object
+    /// YOLOv5's --freeze N the model is split at (10..=24): the frozen graph, layers N..23 as trained (a run's own) and the head, as one graph [default: 24]
+    #[arg(long)]
+    pub freeze: Option<usize>,
     #[arg(long)]
     pub json: bool,
 }
@@ -53,6 +56,7 @@ fn fmt_shape(s: &[Dim]) -> String {
 
 pub fn run(a: ExportArgs) -> Result<()> {
     let (model, head, source) = crate::weights::resolve(&a.weights)?;
+    super::check_freeze(&model, a.freeze)?;
     let out = a.out.clone().unwrap_or_else(|| default_out(&source));
     crate::export::write_export(&out, &model, &head, a.dynamic.then_some(true))?;
     let m = Model::load(&out).with_context(|| format!("the exported file {} does not load back", out.display()))?;

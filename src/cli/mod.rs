@@ -122,3 +122,16 @@ pub fn main() -> i32 {
         }
     }
 }
+
+/// `--freeze N` of export and predict: the model must split at N and its
+/// layers N..23 must be ones the Rust tail runs. The graph written or run is
+/// then the frozen part, those layers (with a run's trained initializers,
+/// put in by `weights::resolve`) and the head: the original topology.
+pub fn check_freeze(model: &crate::graph::Model, freeze: Option<usize>) -> anyhow::Result<()> {
+    if let Some(n) = freeze {
+        let cut = model.cut(n)?;
+        let imgsz = model.spec.imgsz.map_or(640, |[h, _]| h);
+        crate::tail::TailNet::build(model, &cut, imgsz)?;
+    }
+    Ok(())
+}

@@ -35,6 +35,9 @@ pub struct PredictArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Print predictions.json's content instead of a line per image
+    /// YOLOv5's --freeze N the model is split at (10..=24): the frozen graph, layers N..23 as trained (a run's own) and the head, as one graph [default: 24]
+    #[arg(long)]
+    pub freeze: Option<usize>,
     #[arg(long)]
     pub json: bool,
 }
@@ -42,6 +45,7 @@ pub struct PredictArgs {
 pub fn run(a: PredictArgs) -> Result<()> {
     super::check_thresholds(a.conf_thres, a.iou_thres)?;
     let (model, head, source) = crate::weights::resolve(&a.weights)?;
+    super::check_freeze(&model, a.freeze)?;
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
     let images = predict::list_sources(&a.source)?;
     let save_dir = crate::runs::claim(&a.project, &a.name, false)?;

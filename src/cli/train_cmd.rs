@@ -254,7 +254,7 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
         if let Some(v) = v
             && !(v >= 0.0 && v.is_finite())
         {
-            bail!("{flag} must be a non-negative number, got {v}");
+            bail!("{flag} must be a finite number in [0, inf), got {v}");
         }
     }
     if !(0.0..1.0).contains(&label_smoothing) {

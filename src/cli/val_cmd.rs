@@ -53,6 +53,9 @@ pub struct ValArgs {
     /// Images per loss batch (val.py's 32)
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Fast path: cache layers 0..N-1 and run layers N..23 in Rust (YOLOv5's --freeze N, 10..=24) [default: 24]
+    #[arg(long)]
+    pub freeze: Option<usize>,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Print one JSON object instead of the table
@@ -91,7 +94,10 @@ pub fn run(a: ValArgs) -> Result<()> {
         }
         ValPath::Fast => {
             let root = a.cache_dir.clone().unwrap_or_else(default_cache_dir);
-            let (cache, frozen) = FeatureCache::open(&root, &model, imgsz)?;
+            let cut = model.cut(a.freeze.unwrap_or(crate::graph::cut::HEAD_ONLY))?;
+            // a run's trained layers are in `model` already (weights::resolve)
+            let tail = if cut.freeze < crate::graph::cut::HEAD_ONLY { Some(crate::tail::TailNet::build(&model, &cut, imgsz)?) } else { None };
+            let (cache, frozen) = FeatureCache::open_at(&root, &model, &cut, imgsz)?;
             let (mut items, mut skipped) = val::cached_items(&cache, &images, a.dtype);
             let mut engine = "none (all features were cached)".to_string();
             if !skipped.is_empty() {
@@ -104,6 +110,11 @@ pub fn run(a: ValArgs) -> Result<()> {
                         s.reason = f.reason.clone();
                     }
                 }
+            }
+            let tmp = tempfile::Builder::new().prefix("freezesplit-val-").tempdir()?;
+            if let Some(net) = &tail {
+                let shapes: Vec<[usize; 3]> = (0..cut.crossing.len()).map(|i| cut.shape(i, imgsz)).collect();
+                items = crate::train::tail::val_items(net, &items, &shapes, a.batch_size, tmp.path())?;
             }
             let mut r = val::validate_items(&head, &items, &opts)?;
             r.skipped_images = skipped;

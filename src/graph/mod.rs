@@ -50,6 +50,21 @@ impl Model {
         Ok(onnx::encode_model(&split::frozen_graph_at(&self.proto, &self.spec, cut)?))
     }
 
+    /// Replaces initializers by name with `tensors` (same shapes; stored as
+    /// f32), as a trained tail is put back into the graph for export, predict
+    /// and val. The Detect head's initializers are not among them.
+    pub fn replace_initializers(&mut self, tensors: &std::collections::BTreeMap<String, ndarray::ArrayD<f32>>) -> Result<()> {
+        let g = self.proto.graph.as_mut().context("the model has no graph")?;
+        for (name, v) in tensors {
+            let t = g.initializer.iter_mut().find(|t| &t.name == name).with_context(|| format!("no initializer `{name}`"))?;
+            let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+            anyhow::ensure!(dims == v.shape(), "initializer `{name}` has shape {dims:?}, the trained tensor {:?}", v.shape());
+            let v = v.as_standard_layout();
+            *t = onnx::float_tensor(name, &dims, v.as_slice().expect("standard layout"));
+        }
+        Ok(())
+    }
+
     pub fn initializer_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let g = self.proto.graph.as_ref().unwrap();
         let t = g.initializer.iter().find(|t| t.name == name).with_context(|| format!("no initializer `{name}`"))?;
