@@ -52,15 +52,20 @@ pub fn load_dense(samples: &[&Sample], shapes: &[[usize; 3]], dtype: Dtype) -> R
             bail!("cache entry {} holds {} features of shapes {:?}, expected {} {:?}", s.entry.display(), e.header.dtype.name(), e.header.shapes, dtype.name(), shapes);
         }
     }
-    Ok(shapes
+    Ok(dense(&entries, shapes))
+}
+
+/// Tensor `i` of every entry as one f32 `[B, C, H, W]` array per tensor.
+fn dense(entries: &[Entry], shapes: &[[usize; 3]]) -> Vec<ArrayD<f32>> {
+    shapes
         .iter()
         .enumerate()
         .map(|(i, &[c, h, w])| {
             let mut a = ArrayD::<f32>::zeros(IxDyn(&[entries.len(), c, h, w]));
-            a.axis_iter_mut(Axis(0)).into_par_iter().zip(&entries).for_each(|(mut img, e)| e.level_into(i, img.as_slice_mut().expect("standard layout")));
+            a.axis_iter_mut(Axis(0)).into_par_iter().zip(entries).for_each(|(mut img, e)| e.level_into(i, img.as_slice_mut().expect("standard layout")));
             a
         })
-        .collect())
+        .collect()
 }
 
 /// The head's raw output p per level, `[B·na·ny·nx, no]` with rows in
@@ -125,16 +130,7 @@ pub fn val_items(net: &TailNet, items: &[ValItem], shapes: &[[usize; 3]], batch:
     let mut out = Vec::with_capacity(items.len());
     for (ci, chunk) in items.chunks(batch.max(1)).enumerate() {
         let entries: Vec<Entry> = chunk.par_iter().map(|it| Entry::open_verified_before(&it.entry)).collect::<Result<_>>()?;
-        let crossing: Vec<ArrayD<f32>> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, &[c, h, w])| {
-                let mut a = ArrayD::<f32>::zeros(IxDyn(&[entries.len(), c, h, w]));
-                a.axis_iter_mut(Axis(0)).into_par_iter().zip(&entries).for_each(|(mut img, e)| e.level_into(i, img.as_slice_mut().expect("standard layout")));
-                a
-            })
-            .collect();
-        let feats = net.eval(crossing)?;
+        let feats = net.eval(dense(&entries, shapes))?;
         let written: Vec<Result<ValItem>> = chunk
             .par_iter()
             .zip(&entries)
