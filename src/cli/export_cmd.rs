@@ -23,10 +23,10 @@ pub struct ExportArgs {
     /// Dynamic batch, height and width, like export.py --dynamic
     #[arg(long)]
     pub dynamic: bool,
-    /// Print one JSON object
     /// YOLOv5's --freeze N the model is split at (10..=24): the frozen graph, layers N..23 as trained (a run's own) and the head, as one graph [default: 24]
     #[arg(long)]
     pub freeze: Option<usize>,
+    /// Print one JSON object
     #[arg(long)]
     pub json: bool,
 }

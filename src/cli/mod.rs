@@ -19,7 +19,7 @@ use crate::engine::{Device, EngineChoice, EngineOptions};
 use crate::graph::Model;
 
 #[derive(Parser)]
-#[command(name = "freezesplit", version, about = "Fine-tune the Detect head of an exported YOLOv5 ONNX on CPU, on cached frozen features")]
+#[command(name = "freezesplit", version, about = "Fine-tune an exported YOLOv5 ONNX on CPU: the Detect head, or layers N..23 and the head (--freeze N), on cached frozen features")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -34,10 +34,10 @@ pub struct PredictArgs {
     pub imgsz: Option<usize>,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Print predictions.json's content instead of a line per image
     /// YOLOv5's --freeze N the model is split at (10..=24): the frozen graph, layers N..23 as trained (a run's own) and the head, as one graph [default: 24]
     #[arg(long)]
     pub freeze: Option<usize>,
+    /// Print predictions.json's content instead of a line per image
     #[arg(long)]
     pub json: bool,
 }
