@@ -9,6 +9,7 @@ pub mod loss_ops;
 pub mod matmul;
 pub mod obj_bce;
 pub mod pool;
+pub mod profile;
 pub mod reduce;
 pub mod resize;
 pub mod shape;

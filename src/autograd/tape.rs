@@ -11,7 +11,7 @@
 
 use ndarray::ArrayD;
 
-use super::{binary, conv, conv1x1, loss_ops, matmul, obj_bce, pool, reduce, resize, shape, unary};
+use super::{binary, conv, conv1x1, loss_ops, matmul, obj_bce, pool, profile, reduce, resize, shape, unary};
 use crate::tail::ops::{ConvSpec, ConvTransposeSpec};
 
 /// Index of a value on the tape. Only meaningful for the tape that made it.
@@ -106,6 +106,8 @@ pub struct Tape {
     pub nodes: Vec<Node>,
     /// Inputs of the conv1x1 ops, kept apart from the values: never differentiated.
     pub features: Vec<crate::features::Features>,
+    /// When the previous node was pushed (only while profiling).
+    last_push: Option<std::time::Instant>,
 }
 
 /// Gradients of the parameter leaves, indexed by `Var`.
@@ -174,6 +176,12 @@ impl Tape {
     }
 
     pub(crate) fn push_raw(&mut self, value: ArrayD<f32>, op: Op, requires_grad: bool) -> Var {
+        if profile::enabled() {
+            if let Some(t0) = self.last_push {
+                profile::forward(&op, t0);
+            }
+            self.last_push = Some(std::time::Instant::now());
+        }
         self.nodes.push(Node {
             value,
             op,
@@ -210,6 +218,7 @@ impl Tape {
                 continue;
             };
             let node = &self.nodes[i];
+            let t0 = profile::enabled().then(std::time::Instant::now);
             match &node.op {
                 Op::Param => out[i] = Some(g),
                 Op::Const => {}
@@ -237,6 +246,9 @@ impl Tape {
                     pos_weight,
                 } => loss_ops::bce_backward(self, *logits, *targets, *pos_weight, g, &mut acc),
                 Op::ObjBce { w, b, chans, dw, db } => obj_bce::backward(self, *w, *b, chans, dw, db, g, &mut acc),
+            }
+            if let Some(t0) = t0 {
+                profile::backward(&node.op, t0);
             }
         }
         Grads { grads: out }
