@@ -5,6 +5,7 @@
 pub mod binary;
 pub mod conv;
 pub mod conv1x1;
+pub mod head_rows;
 pub mod loss_ops;
 pub mod matmul;
 pub mod obj_bce;

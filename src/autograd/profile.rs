@@ -39,6 +39,7 @@ pub fn family(op: &Op) -> String {
         Op::Conv1x1At { .. } => "Conv1x1At",
         Op::Conv2d { spec, .. } => return format!("Conv2d k{}s{}", spec.kernel[0], spec.strides[0]),
         Op::ConvTranspose2d { .. } => "ConvTranspose2d",
+        Op::HeadRows { .. } => "HeadRows",
         Op::MaxPool2d { .. } => "MaxPool2d",
         Op::ResizeNearest { .. } => "ResizeNearest",
         Op::BceWithLogits { .. } => "BceWithLogits",

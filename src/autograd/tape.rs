@@ -11,7 +11,7 @@
 
 use ndarray::ArrayD;
 
-use super::{binary, conv, conv1x1, loss_ops, matmul, obj_bce, pool, profile, reduce, resize, shape, unary};
+use super::{binary, conv, conv1x1, head_rows, loss_ops, matmul, obj_bce, pool, profile, reduce, resize, shape, unary};
 use crate::tail::ops::{ConvSpec, ConvTransposeSpec};
 
 /// Index of a value on the tape. Only meaningful for the tape that made it.
@@ -64,6 +64,13 @@ pub enum Op {
         w: Var,
         b: Option<Var>,
         spec: ConvTransposeSpec,
+    },
+    /// The head's 1x1 conv into p rows (autograd::head_rows).
+    HeadRows {
+        x: Var,
+        w: Var,
+        b: Var,
+        na: usize,
     },
     /// ONNX MaxPool; `argmax[i]` is output i's winning cell in its input
     /// plane (u32::MAX: none).
@@ -238,6 +245,7 @@ impl Tape {
                 Op::Conv1x1At { x, w, b, picks, groups } => conv1x1::at_backward(self, *x, *w, *b, picks, *groups, g, &mut acc),
                 Op::Conv2d { x, w, b, spec } => conv::conv2d_backward(self, *x, *w, *b, spec, g, &mut acc),
                 Op::ConvTranspose2d { x, w, b, spec } => conv::conv_transpose2d_backward(self, *x, *w, *b, spec, g, &mut acc),
+                Op::HeadRows { x, w, b, na } => head_rows::backward(self, *x, *w, *b, *na, g, &mut acc),
                 Op::MaxPool2d { x, argmax } => pool::max_pool2d_backward(self, *x, argmax, g, &mut acc),
                 Op::ResizeNearest { x, ys, xs } => resize::resize_nearest_backward(self, *x, ys, xs, g, &mut acc),
                 Op::BceWithLogits {
@@ -279,6 +287,9 @@ impl GradAcc<'_> {
             "grad shape mismatch"
         );
         match &mut self.slots[v.0] {
+            // large maps (a tail tensor read by two convs) in parallel;
+            // elementwise, so the sums do not depend on it
+            Some(acc) if acc.len() >= super::binary::PAR_MIN => ndarray::Zip::from(acc).and(&g).par_for_each(|a, &b| *a += b),
             Some(acc) => *acc += &g,
             slot @ None => *slot = Some(g),
         }

@@ -64,16 +64,10 @@ pub fn load_dense(samples: &[&Sample], shapes: &[[usize; 3]], dtype: Dtype) -> R
 }
 
 /// The head's raw output p per level, `[B·na·ny·nx, no]` with rows in
-/// (b, a, y, x) order, from head inputs `[B, C, ny, nx]` on the tape.
-fn head_p(t: &mut Tape, x: Var, w: Var, b: Var, na: usize, no: usize) -> Var {
-    let [bs, ny, nx] = { let s = t.value(x).shape(); [s[0], s[2], s[3]] };
-    let cin = t.value(w).shape()[1];
-    let w4 = t.reshape(w, &[na * no, cin, 1, 1]);
-    let spec = crate::tail::ops::ConvSpec::square(1, 1, 0);
-    let y = t.conv2d(x, w4, Some(b), &spec);
-    let y = t.reshape(y, &[bs, na, no, ny, nx]);
-    let y = t.permute(y, &[0, 1, 3, 4, 2]);
-    t.reshape(y, &[bs * na * ny * nx, no])
+/// (b, a, y, x) order, from head inputs `[B, C, ny, nx]` on the tape (the
+/// 1x1 conv written straight in that layout: autograd::head_rows).
+fn head_p(t: &mut Tape, x: Var, w: Var, b: Var, na: usize) -> Var {
+    t.head_rows(x, w, b, na)
 }
 
 /// Loss parts `[box, obj, cls]` (not × bs) and the gradient of each
@@ -101,10 +95,10 @@ pub fn step(params: &ParamStore, crossing: Vec<ArrayD<f32>>, targets: ndarray::A
     }
     let xs: Vec<Var> = crossing.into_iter().map(|x| t.constant(x)).collect();
     let feats = tail.net.forward(&mut t, &tail_vars, &xs).expect("the tail was checked when the run was set up");
-    let (na, no) = (cfg.na(), cfg.no());
+    let na = cfg.na();
     profile::phase("tail forward", t0);
     let t0 = std::time::Instant::now();
-    let p: Vec<Var> = feats.iter().enumerate().map(|(l, &x)| head_p(&mut t, x, vars[&layout.weights[l]], vars[&layout.biases[l]], na, no)).collect();
+    let p: Vec<Var> = feats.iter().enumerate().map(|(l, &x)| head_p(&mut t, x, vars[&layout.weights[l]], vars[&layout.biases[l]], na)).collect();
     profile::phase("head forward", t0);
     let t0 = std::time::Instant::now();
     let parts = compute_loss(&mut t, cfg, &p, grids, bs, targets);
