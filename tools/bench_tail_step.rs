@@ -51,6 +51,14 @@ fn main() {
         2 | 3 => 0.1 + 0.8 * ((k * 37 + j * 11) % 97) as f32 / 97.0,
         _ => 0.03 + 0.4 * ((k * 53 + j * 7) % 89) as f32 / 89.0,
     });
+    if std::env::var("BENCH_FTZ").is_ok_and(|v| v == "1") {
+        // diagnostic only: flush denormals to zero (MXCSR FTZ | DAZ) on every thread
+        #[allow(deprecated)]
+        let set = || unsafe { std::arch::x86_64::_mm_setcsr(std::arch::x86_64::_mm_getcsr() | 0x8040) };
+        set();
+        rayon::broadcast(|_| set());
+        eprintln!("BENCH_FTZ=1: denormals flushed to zero");
+    }
     eprintln!("yolov5n {imgsz}, batch {bs}, nc {nc}, {nt} targets, {} rayon threads", rayon::current_num_threads());
     for &n in &ns {
         let cut = model.cut(n).unwrap();

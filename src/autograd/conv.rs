@@ -23,7 +23,12 @@ use crate::tail::ops::{ConvSpec, ConvTransposeSpec};
 pub(super) fn contiguous(a: &ArrayD<f32>) -> std::borrow::Cow<'_, [f32]> {
     match a.as_slice() {
         Some(s) => std::borrow::Cow::Borrowed(s),
-        None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+        None => {
+            let t0 = std::time::Instant::now();
+            let v = a.iter().copied().collect();
+            super::profile::phase("contiguous copy", t0);
+            std::borrow::Cow::Owned(v)
+        }
     }
 }
 
