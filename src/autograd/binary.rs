@@ -135,6 +135,9 @@ pub fn backward(
     g: ArrayD<f32>,
     acc: &mut GradAcc,
 ) {
+    if op == BinaryOp::Mul && silu_backward(t, a, b, &g, acc) {
+        return;
+    }
     let (av, bv) = (t.value(a), t.value(b));
     let (need_a, need_b) = (t.requires_grad(a), t.requires_grad(b));
     let shape = out.raw_dim();
@@ -170,6 +173,35 @@ pub fn backward(
     if let Some(gb) = gb {
         acc.add(b, reduce_to_shape(gb, bv.shape()));
     }
+}
+
+/// SiLU as exported, `Mul(x, Sigmoid(x))` (either operand order): the
+/// gradient of both paths goes straight to x in one pass,
+/// g·s + (g·x)·s(1-s), instead of two full-size products, the Sigmoid's
+/// backward pass and two accumulations. Nothing is sent to the Sigmoid node
+/// (its other readers, if any, still send theirs). False when the pattern
+/// does not apply (then the generic backward runs).
+fn silu_backward(t: &Tape, a: Var, b: Var, g: &ArrayD<f32>, acc: &mut GradAcc) -> bool {
+    let is_sig_of = |s: Var, x: Var| matches!(t.nodes[s.0].op, Op::Unary(super::unary::UnaryOp::Sigmoid, src) if src == x);
+    let (x, s) = if is_sig_of(b, a) {
+        (a, b)
+    } else if is_sig_of(a, b) {
+        (b, a)
+    } else {
+        return false;
+    };
+    if !acc.wants(x) {
+        return true;
+    }
+    let (xv, sv) = (t.value(x), t.value(s));
+    if xv.shape() != g.shape() || sv.shape() != g.shape() {
+        return false;
+    }
+    let f = |g: f32, x: f32, s: f32| g * s + (g * x) * (s * (1.0 - s));
+    let z = Zip::from(g).and(xv).and(sv);
+    let dx = if g.len() >= PAR_MIN { z.par_map_collect(|&g, &x, &s| f(g, x, s)) } else { z.map_collect(|&g, &x, &s| f(g, x, s)) };
+    acc.add(x, dx);
+    true
 }
 
 #[cfg(test)]
@@ -295,6 +327,42 @@ mod tests {
         }
         let per_channel = (shape[0] * shape[2] * shape[3]) as f32;
         assert!(g.get(cv).unwrap().iter().all(|&v| v == per_channel));
+    }
+
+    #[test]
+    fn silu_gradient_goes_straight_to_x_in_either_order_and_with_other_readers() {
+        // Mul(x, Sigmoid(x)) and Mul(Sigmoid(x), x), below and above PAR_MIN,
+        // and a Sigmoid that another op also reads (its gradient must still
+        // reach x through the Sigmoid): against the closed form.
+        let sig = crate::autograd::unary::sigmoid;
+        for shape in [vec![3, 5], vec![2, 4, 64, 65]] {
+            for (swap, extra) in [(false, false), (true, false), (false, true), (true, true)] {
+                let x = rand_array(&shape, 3, -4.0, 4.0);
+                let r = rand_array(&shape, 4, -1.0, 1.0);
+                let mut t = Tape::new();
+                let (xv, rv) = (t.param(x.clone()), t.constant(r.clone()));
+                let s = t.sigmoid(xv);
+                let y = if swap { t.mul(s, xv) } else { t.mul(xv, s) };
+                let y = t.mul(y, rv);
+                let l = if extra {
+                    let s3 = t.mul_scalar(s, 3.0);
+                    let z = t.add(y, s3);
+                    t.sum(z)
+                } else {
+                    t.sum(y)
+                };
+                let g = t.backward(l);
+                let gx = g.get(xv).unwrap();
+                for (idx, &xe) in x.indexed_iter() {
+                    let sv = sig(xe);
+                    let mut want = r[&idx] * (sv + xe * sv * (1.0 - sv));
+                    if extra {
+                        want += 3.0 * sv * (1.0 - sv);
+                    }
+                    assert!((gx[&idx] - want).abs() <= 1e-5 * (1.0 + want.abs()), "{shape:?} swap {swap} extra {extra}: {} vs {want}", gx[&idx]);
+                }
+            }
+        }
     }
 
     #[test]

@@ -23,7 +23,12 @@ use crate::tail::ops::{ConvSpec, ConvTransposeSpec};
 pub(super) fn contiguous(a: &ArrayD<f32>) -> std::borrow::Cow<'_, [f32]> {
     match a.as_slice() {
         Some(s) => std::borrow::Cow::Borrowed(s),
-        None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+        None => {
+            let t0 = std::time::Instant::now();
+            let v = a.iter().copied().collect();
+            super::profile::phase("contiguous copy", t0);
+            std::borrow::Cow::Owned(v)
+        }
     }
 }
 
@@ -31,13 +36,13 @@ fn nchw(op: &str, a: &ArrayD<f32>) -> [usize; 4] {
     a.shape().try_into().unwrap_or_else(|_| panic!("{op}: expected a 4-D NCHW value, got shape {:?}", a.shape()))
 }
 
-/// Per-channel sums of g [n, m, p] (the bias gradient), in f64.
+/// Per-channel sums of g [n, m, p] (the bias gradient), in f64; images in
+/// parallel, their sums added in image order (the serial loop's order).
 fn channel_sums(g: &[f32], m: usize, p: usize) -> ArrayD<f32> {
+    let per_image: Vec<Vec<f64>> = g.par_chunks_exact(m * p).map(|gi| gi.chunks_exact(p).map(|row| row.iter().map(|&v| v as f64).sum::<f64>()).collect()).collect();
     let mut s = vec![0.0f64; m];
-    for gi in g.chunks_exact(m * p) {
-        for (sj, row) in s.iter_mut().zip(gi.chunks_exact(p)) {
-            *sj += row.iter().map(|&v| v as f64).sum::<f64>();
-        }
+    for r in per_image {
+        s.iter_mut().zip(r).for_each(|(sj, v)| *sj += v);
     }
     ArrayD::from_shape_vec(IxDyn(&[m]), s.into_iter().map(|v| v as f32).collect()).unwrap()
 }

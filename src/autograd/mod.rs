@@ -5,10 +5,12 @@
 pub mod binary;
 pub mod conv;
 pub mod conv1x1;
+pub mod head_rows;
 pub mod loss_ops;
 pub mod matmul;
 pub mod obj_bce;
 pub mod pool;
+pub mod profile;
 pub mod reduce;
 pub mod resize;
 pub mod shape;

@@ -4,6 +4,7 @@
 // re-lays-out the gradient (index_select accumulates duplicate rows).
 
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
+use rayon::prelude::*;
 
 use super::tape::{GradAcc, Op, Tape, Var};
 
@@ -46,9 +47,13 @@ impl Tape {
         )
     }
 
+    /// Concatenation along `axis`, always in standard (row-major) layout:
+    /// `ndarray::concatenate` along an inner axis returns an array whose
+    /// outermost axis is `axis`, which every later reader (the convs) then
+    /// had to copy back, element by element.
     pub fn concat(&mut self, xs: &[Var], axis: usize) -> Var {
-        let views: Vec<_> = xs.iter().map(|&v| self.value(v).view()).collect();
-        let v = ndarray::concatenate(Axis(axis), &views).expect("concat: shapes differ");
+        let vals: Vec<&ArrayD<f32>> = xs.iter().map(|&v| self.value(v)).collect();
+        let v = concat_standard(&vals, axis);
         self.push_op(
             v,
             Op::Shape(ShapeOp::Concat {
@@ -134,6 +139,65 @@ impl Tape {
     }
 }
 
+/// `arrays` joined along `axis` into a standard-layout array. Row-major
+/// inputs are copied as blocks (each input holds one contiguous run of
+/// `dim(axis) * inner` values per outer index), outer indices in parallel.
+fn concat_standard(arrays: &[&ArrayD<f32>], axis: usize) -> ArrayD<f32> {
+    let first = arrays.first().expect("concat of nothing");
+    let nd = first.ndim();
+    assert!(axis < nd && arrays.iter().all(|a| a.ndim() == nd && (0..nd).all(|d| d == axis || a.shape()[d] == first.shape()[d])), "concat: shapes differ");
+    let mut shape = first.shape().to_vec();
+    shape[axis] = arrays.iter().map(|a| a.shape()[axis]).sum();
+    let slices: Option<Vec<&[f32]>> = arrays.iter().map(|a| a.as_slice()).collect();
+    let Some(slices) = slices else {
+        let views: Vec<_> = arrays.iter().map(|a| a.view()).collect();
+        return ndarray::concatenate(Axis(axis), &views).expect("concat: shapes differ").as_standard_layout().into_owned();
+    };
+    let inner: usize = shape[axis + 1..].iter().product();
+    let outer: usize = shape[..axis].iter().product();
+    let runs: Vec<usize> = arrays.iter().map(|a| a.shape()[axis] * inner).collect();
+    let row: usize = runs.iter().sum();
+    let mut out = vec![0.0f32; outer * row];
+    if row > 0 {
+        let fill = |(o, dst): (usize, &mut [f32])| {
+            let mut at = 0;
+            for (src, &r) in slices.iter().zip(&runs) {
+                dst[at..at + r].copy_from_slice(&src[o * r..(o + 1) * r]);
+                at += r;
+            }
+        };
+        if out.len() >= super::binary::PAR_MIN {
+            out.par_chunks_mut(row).enumerate().for_each(fill);
+        } else {
+            out.chunks_mut(row).enumerate().for_each(fill);
+        }
+    }
+    ArrayD::from_shape_vec(IxDyn(&shape), out).unwrap()
+}
+
+/// `g[.., start..end, ..]` along `axis` as a standard-layout array (block
+/// copies when `g` is row-major: the inverse of `concat_standard`).
+fn slice_standard(g: &ArrayD<f32>, axis: usize, start: usize, end: usize) -> ArrayD<f32> {
+    let Some(gd) = g.as_slice() else {
+        return g.slice_axis(Axis(axis), Slice::from(start..end)).as_standard_layout().into_owned();
+    };
+    let mut shape = g.shape().to_vec();
+    let inner: usize = shape[axis + 1..].iter().product();
+    let row = shape[axis] * inner;
+    shape[axis] = end - start;
+    let run = (end - start) * inner;
+    let mut out = vec![0.0f32; shape.iter().product()];
+    if run > 0 {
+        let copy = |(o, dst): (usize, &mut [f32])| dst.copy_from_slice(&gd[o * row + start * inner..o * row + end * inner]);
+        if out.len() >= super::binary::PAR_MIN {
+            out.par_chunks_mut(run).enumerate().for_each(copy);
+        } else {
+            out.chunks_mut(run).enumerate().for_each(copy);
+        }
+    }
+    ArrayD::from_shape_vec(IxDyn(&shape), out).unwrap()
+}
+
 /// (contiguous data, row length) when `axis` is the last axis of a
 /// standard-layout, non-empty array.
 fn last_axis_rows(a: &ArrayD<f32>, axis: usize) -> Option<(&[f32], usize)> {
@@ -175,10 +239,7 @@ pub fn backward(t: &Tape, op: &ShapeOp, g: ArrayD<f32>, acc: &mut GradAcc) {
             for &v in xs {
                 let n = t.value(v).shape()[*axis];
                 if acc.wants(v) {
-                    let part = g
-                        .slice_axis(Axis(*axis), Slice::from(start..start + n))
-                        .to_owned();
-                    acc.add(v, part);
+                    acc.add(v, slice_standard(&g, *axis, start, start + n));
                 }
                 start += n;
             }
@@ -251,6 +312,44 @@ mod tests {
         check(&[a.clone(), b], |t, v| t.concat(v, 1));
         let c = rand_array(&[1, 3], 5, -1.0, 1.0);
         check(&[a, c], |t, v| t.concat(v, 0));
+    }
+
+    #[test]
+    fn channel_concat_of_feature_maps_is_row_major_with_the_definition_values() {
+        // the tail's Concat: NCHW maps along C, small and past PAR_MIN; the
+        // result must be standard layout (convs read it as a slice) and its
+        // gradient each input's channel block of the upstream gradient
+        for [n, h, w] in [[2, 3, 4], [4, 40, 40]] {
+            let (ca, cb, cc) = (3, 5, 2);
+            let a = rand_array(&[n, ca, h, w], 1, -1.0, 1.0);
+            let b = rand_array(&[n, cb, h, w], 2, -1.0, 1.0);
+            let c = rand_array(&[n, cc, h, w], 3, -1.0, 1.0);
+            let r = rand_array(&[n, ca + cb + cc, h, w], 4, -1.0, 1.0);
+            let mut t = Tape::new();
+            let (av, bv, cv, rv) = (t.param(a.clone()), t.param(b.clone()), t.param(c.clone()), t.constant(r.clone()));
+            let y = t.concat(&[av, bv, cv], 1);
+            assert!(t.value(y).is_standard_layout(), "concat must return a row-major array");
+            for ((i, ch, yy, xx), &v) in t.value(y).view().into_dimensionality::<ndarray::Ix4>().unwrap().indexed_iter() {
+                let want = if ch < ca { a[[i, ch, yy, xx]] } else if ch < ca + cb { b[[i, ch - ca, yy, xx]] } else { c[[i, ch - ca - cb, yy, xx]] };
+                assert_eq!(v, want);
+            }
+            let z = t.mul(y, rv);
+            let l = t.sum(z);
+            let g = t.backward(l);
+            for (v, lo, hi) in [(av, 0, ca), (bv, ca, ca + cb), (cv, ca + cb, ca + cb + cc)] {
+                let gv = g.get(v).unwrap();
+                assert!(gv.is_standard_layout());
+                assert_eq!(gv, &r.slice_axis(Axis(1), Slice::from(lo..hi)).to_owned());
+            }
+        }
+        // a non-row-major input takes the general path with the same values
+        let a = rand_array(&[3, 4], 5, -1.0, 1.0);
+        let at = a.t().to_owned();
+        let mut t = Tape::new();
+        let (x, y) = (t.constant(at.clone()), t.constant(at.clone()));
+        let z = t.concat(&[x, y], 0);
+        assert!(t.value(z).is_standard_layout());
+        assert_eq!(t.value(z), &ndarray::concatenate(Axis(0), &[at.view(), at.view()]).unwrap());
     }
 
     #[test]

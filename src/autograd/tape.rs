@@ -11,7 +11,7 @@
 
 use ndarray::ArrayD;
 
-use super::{binary, conv, conv1x1, loss_ops, matmul, obj_bce, pool, reduce, resize, shape, unary};
+use super::{binary, conv, conv1x1, head_rows, loss_ops, matmul, obj_bce, pool, profile, reduce, resize, shape, unary};
 use crate::tail::ops::{ConvSpec, ConvTransposeSpec};
 
 /// Index of a value on the tape. Only meaningful for the tape that made it.
@@ -65,6 +65,13 @@ pub enum Op {
         b: Option<Var>,
         spec: ConvTransposeSpec,
     },
+    /// The head's 1x1 conv into p rows (autograd::head_rows).
+    HeadRows {
+        x: Var,
+        w: Var,
+        b: Var,
+        na: usize,
+    },
     /// ONNX MaxPool; `argmax[i]` is output i's winning cell in its input
     /// plane (u32::MAX: none).
     MaxPool2d {
@@ -106,6 +113,8 @@ pub struct Tape {
     pub nodes: Vec<Node>,
     /// Inputs of the conv1x1 ops, kept apart from the values: never differentiated.
     pub features: Vec<crate::features::Features>,
+    /// When the previous node was pushed (only while profiling).
+    last_push: Option<std::time::Instant>,
 }
 
 /// Gradients of the parameter leaves, indexed by `Var`.
@@ -174,6 +183,12 @@ impl Tape {
     }
 
     pub(crate) fn push_raw(&mut self, value: ArrayD<f32>, op: Op, requires_grad: bool) -> Var {
+        if profile::enabled() {
+            if let Some(t0) = self.last_push {
+                profile::forward(&op, t0);
+            }
+            self.last_push = Some(std::time::Instant::now());
+        }
         self.nodes.push(Node {
             value,
             op,
@@ -210,6 +225,7 @@ impl Tape {
                 continue;
             };
             let node = &self.nodes[i];
+            let t0 = profile::enabled().then(std::time::Instant::now);
             match &node.op {
                 Op::Param => out[i] = Some(g),
                 Op::Const => {}
@@ -229,6 +245,7 @@ impl Tape {
                 Op::Conv1x1At { x, w, b, picks, groups } => conv1x1::at_backward(self, *x, *w, *b, picks, *groups, g, &mut acc),
                 Op::Conv2d { x, w, b, spec } => conv::conv2d_backward(self, *x, *w, *b, spec, g, &mut acc),
                 Op::ConvTranspose2d { x, w, b, spec } => conv::conv_transpose2d_backward(self, *x, *w, *b, spec, g, &mut acc),
+                Op::HeadRows { x, w, b, na } => head_rows::backward(self, *x, *w, *b, *na, g, &mut acc),
                 Op::MaxPool2d { x, argmax } => pool::max_pool2d_backward(self, *x, argmax, g, &mut acc),
                 Op::ResizeNearest { x, ys, xs } => resize::resize_nearest_backward(self, *x, ys, xs, g, &mut acc),
                 Op::BceWithLogits {
@@ -237,6 +254,9 @@ impl Tape {
                     pos_weight,
                 } => loss_ops::bce_backward(self, *logits, *targets, *pos_weight, g, &mut acc),
                 Op::ObjBce { w, b, chans, dw, db } => obj_bce::backward(self, *w, *b, chans, dw, db, g, &mut acc),
+            }
+            if let Some(t0) = t0 {
+                profile::backward(&node.op, t0);
             }
         }
         Grads { grads: out }
@@ -267,6 +287,9 @@ impl GradAcc<'_> {
             "grad shape mismatch"
         );
         match &mut self.slots[v.0] {
+            // large maps (a tail tensor read by two convs) in parallel;
+            // elementwise, so the sums do not depend on it
+            Some(acc) if acc.len() >= super::binary::PAR_MIN => ndarray::Zip::from(acc).and(&g).par_for_each(|a, &b| *a += b),
             Some(acc) => *acc += &g,
             slot @ None => *slot = Some(g),
         }

@@ -69,21 +69,17 @@ fn dense(entries: &[Entry], shapes: &[[usize; 3]]) -> Vec<ArrayD<f32>> {
 }
 
 /// The head's raw output p per level, `[B·na·ny·nx, no]` with rows in
-/// (b, a, y, x) order, from head inputs `[B, C, ny, nx]` on the tape.
-fn head_p(t: &mut Tape, x: Var, w: Var, b: Var, na: usize, no: usize) -> Var {
-    let [bs, ny, nx] = { let s = t.value(x).shape(); [s[0], s[2], s[3]] };
-    let cin = t.value(w).shape()[1];
-    let w4 = t.reshape(w, &[na * no, cin, 1, 1]);
-    let spec = crate::tail::ops::ConvSpec::square(1, 1, 0);
-    let y = t.conv2d(x, w4, Some(b), &spec);
-    let y = t.reshape(y, &[bs, na, no, ny, nx]);
-    let y = t.permute(y, &[0, 1, 3, 4, 2]);
-    t.reshape(y, &[bs * na * ny * nx, no])
+/// (b, a, y, x) order, from head inputs `[B, C, ny, nx]` on the tape (the
+/// 1x1 conv written straight in that layout: autograd::head_rows).
+fn head_p(t: &mut Tape, x: Var, w: Var, b: Var, na: usize) -> Var {
+    t.head_rows(x, w, b, na)
 }
 
 /// Loss parts `[box, obj, cls]` (not × bs) and the gradient of each
 /// parameter by name, through the tail and the head.
 pub fn step(params: &ParamStore, crossing: Vec<ArrayD<f32>>, targets: ndarray::ArrayView2<f32>, bs: usize, cfg: &LossConfig, grids: &[(usize, usize)], layout: &HeadLayout, tail: &TailRun) -> ([f32; 3], Tensors) {
+    use crate::autograd::profile;
+    let t0 = std::time::Instant::now();
     let mut t = Tape::new();
     let mut vars: BTreeMap<String, Var> = BTreeMap::new();
     let mut tail_vars: HashMap<String, Var> = HashMap::new();
@@ -104,11 +100,18 @@ pub fn step(params: &ParamStore, crossing: Vec<ArrayD<f32>>, targets: ndarray::A
     }
     let xs: Vec<Var> = crossing.into_iter().map(|x| t.constant(x)).collect();
     let feats = tail.net.forward(&mut t, &tail_vars, &xs).expect("the tail was checked when the run was set up");
-    let (na, no) = (cfg.na(), cfg.no());
-    let p: Vec<Var> = feats.iter().enumerate().map(|(l, &x)| head_p(&mut t, x, vars[&layout.weights[l]], vars[&layout.biases[l]], na, no)).collect();
+    let na = cfg.na();
+    profile::phase("tail forward", t0);
+    let t0 = std::time::Instant::now();
+    let p: Vec<Var> = feats.iter().enumerate().map(|(l, &x)| head_p(&mut t, x, vars[&layout.weights[l]], vars[&layout.biases[l]], na)).collect();
+    profile::phase("head forward", t0);
+    let t0 = std::time::Instant::now();
     let parts = compute_loss(&mut t, cfg, &p, grids, bs, targets);
     let losses = [t.scalar(parts.lbox), t.scalar(parts.lobj), t.scalar(parts.lcls)];
+    profile::phase("loss forward", t0);
+    let t0 = std::time::Instant::now();
     let mut g = t.backward(parts.total);
+    profile::phase("backward", t0);
     let grads = vars.into_iter().map(|(n, v)| (n, g.take(v).unwrap_or_else(|| ArrayD::zeros(t.value(v).raw_dim())))).collect();
     (losses, grads)
 }

@@ -1,0 +1,168 @@
+// The Detect head's 1x1 conv straight into YOLOv5's p layout, with backward.
+// In: x [B, cin, ny, nx] (NCHW feature maps on the tape), w [na*no, cin]
+// (the head's weight as the store holds it), b [na*no], na. Out: p
+// [B*na*ny*nx, no], rows in (b, a, y, x) order, columns o: what
+// `x.view(bs, na, no, ny, nx).permute(0, 1, 3, 4, 2)` gives after the conv.
+// Why: the conv, reshape, permute, reshape chain materialises four
+// full-size copies forward and four backward; here each image/anchor block
+// is one strided GEMM (p_ba = x_bᵀ · W_aᵀ, the transposes are strides), and
+// the backward transposes each image's p gradient to the conv's layout
+// G_b [na*no, ny*nx] (in cache) for dW = Σ_b G_b · x_bᵀ, dx_b = Wᵀ · G_b;
+// db = column sums. Images run in parallel; the
+// per-image weight partials are summed in image order (thread-count
+// independent), the bias sums in f64 as the conv's.
+
+use ndarray::{ArrayD, IxDyn};
+use rayon::prelude::*;
+
+use super::conv::contiguous;
+use super::tape::{GradAcc, Op, Tape, Var};
+use crate::kernels::conv::{Mat, sgemm};
+
+fn dims(t: &Tape, x: Var, w: Var, na: usize) -> (usize, usize, usize, usize) {
+    let xs = t.value(x).shape();
+    let ws = t.value(w).shape();
+    assert!(xs.len() == 4 && ws.len() == 2 && ws[1] == xs[1] && ws[0] % na == 0, "head_rows: x {xs:?} and w {ws:?} do not fit na = {na}");
+    (xs[0], xs[1], xs[2] * xs[3], ws[0] / na)
+}
+
+impl Tape {
+    /// See the file header.
+    pub fn head_rows(&mut self, x: Var, w: Var, b: Var, na: usize) -> Var {
+        let (n, cin, p, no) = dims(self, x, w, na);
+        let xs = contiguous(self.value(x));
+        let ws = contiguous(self.value(w));
+        let bs = contiguous(self.value(b));
+        assert_eq!(bs.len(), na * no, "head_rows: bias length");
+        let mut out = vec![0.0f32; n * na * p * no];
+        out.par_chunks_mut(na * p * no).enumerate().for_each(|(i, oi)| {
+            let xi = &xs[i * cin * p..(i + 1) * cin * p];
+            for (a, oa) in oi.chunks_exact_mut(p * no).enumerate() {
+                let bias = &bs[a * no..(a + 1) * no];
+                oa.chunks_exact_mut(no).for_each(|r| r.copy_from_slice(bias));
+                sgemm(p, cin, no, 1.0, Mat::t(xi, p), Mat::t(&ws[a * no * cin..(a + 1) * no * cin], cin), 1.0, oa);
+            }
+        });
+        let v = ArrayD::from_shape_vec(IxDyn(&[n * na * p, no]), out).unwrap();
+        self.push_op(v, Op::HeadRows { x, w, b, na }, &[x, w, b])
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn backward(t: &Tape, x: Var, w: Var, b: Var, na: usize, g: ArrayD<f32>, acc: &mut GradAcc) {
+    let (n, cin, p, no) = dims(t, x, w, na);
+    let gs = contiguous(&g);
+    if acc.wants(b) {
+        let mut s = vec![0.0f64; na * no];
+        for blk in gs.chunks_exact(p * no).enumerate() {
+            let a = blk.0 % na;
+            for r in blk.1.chunks_exact(no) {
+                s[a * no..(a + 1) * no].iter_mut().zip(r).for_each(|(acc, &v)| *acc += v as f64);
+            }
+        }
+        acc.add(b, ArrayD::from_shape_vec(IxDyn(&[na * no]), s.into_iter().map(|v| v as f32).collect()).unwrap());
+    }
+    let (need_w, need_x) = (acc.wants(w), acc.wants(x));
+    if !need_w && !need_x {
+        return;
+    }
+    let xs = contiguous(t.value(x));
+    let ws = contiguous(t.value(w));
+    let mut dx = if need_x { vec![0.0f32; n * cin * p] } else { Vec::new() };
+    let chunks: Vec<&mut [f32]> = if need_x { dx.chunks_mut(cin * p).collect() } else { (0..n).map(|_| <&mut [f32]>::default()).collect() };
+    let parts: Vec<Vec<f32>> = chunks
+        .into_par_iter()
+        .enumerate()
+        .map(|(i, dxi)| {
+            let xi = &xs[i * cin * p..(i + 1) * cin * p];
+            // image i's gradient as the conv's [na*no, p] (a transpose in
+            // cache), so that dW and dx are one GEMM each with k = p and
+            // k = na*no; per anchor, k = no is too thin for the GEMM kernel
+            let gi = &gs[i * na * p * no..(i + 1) * na * p * no];
+            let mut gt = vec![0.0f32; na * no * p];
+            for (gba, gta) in gi.chunks_exact(p * no).zip(gt.chunks_exact_mut(no * p)) {
+                for (pi, r) in gba.chunks_exact(no).enumerate() {
+                    for (o, &v) in r.iter().enumerate() {
+                        gta[o * p + pi] = v;
+                    }
+                }
+            }
+            let mut dw = if need_w { vec![0.0f32; na * no * cin] } else { Vec::new() };
+            if need_w {
+                sgemm(na * no, p, cin, 1.0, Mat::rows(&gt, p), Mat::t(xi, p), 0.0, &mut dw);
+            }
+            if need_x {
+                sgemm(cin, na * no, p, 1.0, Mat::t(&ws, cin), Mat::rows(&gt, p), 0.0, dxi);
+            }
+            dw
+        })
+        .collect();
+    if need_w {
+        let mut it = parts.into_iter();
+        let mut dw = it.next().unwrap_or_else(|| vec![0.0; na * no * cin]);
+        for part in it {
+            dw.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+        }
+        acc.add(w, ArrayD::from_shape_vec(IxDyn(&[na * no, cin]), dw).unwrap());
+    }
+    if need_x {
+        let shape = t.value(x).raw_dim();
+        acc.add(x, ArrayD::from_shape_vec(shape, dx).unwrap());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::autograd::fd::{check, rand_array};
+    use crate::tail::ops::ConvSpec;
+
+    /// The chain it replaces (train::tail's former head_p): conv 1x1,
+    /// reshape, permute, reshape.
+    fn chain(t: &mut Tape, x: Var, w: Var, b: Var, na: usize) -> Var {
+        let [bs, cin, ny, nx] = t.value(x).shape().try_into().unwrap();
+        let no = t.value(w).shape()[0] / na;
+        let w4 = t.reshape(w, &[na * no, cin, 1, 1]);
+        let y = t.conv2d(x, w4, Some(b), &ConvSpec::square(1, 1, 0));
+        let y = t.reshape(y, &[bs, na, no, ny, nx]);
+        let y = t.permute(y, &[0, 1, 3, 4, 2]);
+        t.reshape(y, &[bs * na * ny * nx, no])
+    }
+
+    #[test]
+    fn equals_conv_reshape_permute_in_value_and_gradient() {
+        // non-square grid, 3 anchors, batch 3, and a loss that weights every
+        // row and column differently so a transposed block would show
+        let (bs, cin, ny, nx, na, no) = (3, 5, 4, 6, 3, 7);
+        let x = rand_array(&[bs, cin, ny, nx], 1, -1.0, 1.0);
+        let w = rand_array(&[na * no, cin], 2, -1.0, 1.0);
+        let b = rand_array(&[na * no], 3, -1.0, 1.0);
+        let r = rand_array(&[bs * na * ny * nx, no], 4, -1.0, 1.0);
+        let run = |fused: bool| {
+            let mut t = Tape::new();
+            let (xv, wv, bv, rv) = (t.param(x.clone()), t.param(w.clone()), t.param(b.clone()), t.constant(r.clone()));
+            let p = if fused { t.head_rows(xv, wv, bv, na) } else { chain(&mut t, xv, wv, bv, na) };
+            let val = t.value(p).clone();
+            let l = t.mul(p, rv);
+            let l = t.sum(l);
+            let mut g = t.backward(l);
+            (val, [xv, wv, bv].map(|v| g.take(v).unwrap()))
+        };
+        let (va, ga) = run(false);
+        let (vb, gb) = run(true);
+        assert_eq!(va.shape(), vb.shape());
+        assert!(va.iter().zip(&vb).all(|(a, b)| (a - b).abs() <= 1e-5), "values differ");
+        for (a, b) in ga.iter().zip(&gb) {
+            assert_eq!(a.shape(), b.shape());
+            assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-4), "gradients differ");
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let x = rand_array(&[2, 3, 2, 3], 5, -1.0, 1.0);
+        let w = rand_array(&[2 * 4, 3], 6, -1.0, 1.0);
+        let b = rand_array(&[2 * 4], 7, -1.0, 1.0);
+        check(&[x, w, b], |t, v| t.head_rows(v[0], v[1], v[2], 2));
+    }
+}
