@@ -14,12 +14,17 @@
 //! different N never reuses an entry, and N = 24 keeps the keys it always had.
 //! Labels are not part of any key, so relabelling never invalidates features.
 //!
+//! Many processes may fill one cache at once (entries are written to locked
+//! temporary files and renamed into place); `shard` splits a split between
+//! them so that each computes only its own part.
+//!
 //! Opening a cache removes the `.tmp-*` files that killed writers left in it
 //! (`fsutil::remove_orphans`); files that a running writer (another process
 //! or shard on the same cache) holds locked are left alone.
 
 pub mod build;
 pub mod entry;
+pub mod shard;
 
 use std::path::{Path, PathBuf};
 

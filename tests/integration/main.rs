@@ -16,5 +16,6 @@ mod metrics_parity;
 mod predict;
 mod tail;
 mod robust;
+mod shard;
 mod train;
 mod val;
