@@ -55,8 +55,11 @@ fn fmt_shape(s: &[Dim]) -> String {
 }
 
 pub fn run(a: ExportArgs) -> Result<()> {
-    let (model, head, source) = crate::weights::resolve(&a.weights)?;
+    let (mut model, head, source) = crate::weights::resolve(&a.weights)?;
     super::check_freeze(&model, a.freeze)?;
+    // an extended head (train --add-classes) says in the export how many classes are old
+    let base_nc = crate::val::classes::base_nc_of(&model, &source)?;
+    crate::export::set_base_nc(&mut model.proto, base_nc.filter(|&n| n < head.nc));
     let out = a.out.clone().unwrap_or_else(|| default_out(&source));
     crate::export::write_export(&out, &model, &head, a.dynamic.then_some(true))?;
     let m = Model::load(&out).with_context(|| format!("the exported file {} does not load back", out.display()))?;

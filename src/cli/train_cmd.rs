@@ -46,6 +46,12 @@ pub struct TrainArgs {
     /// Re-initialise the whole head as YOLOv5 does (default: keep box/objectness rows)
     #[arg(long)]
     pub reinit_head: bool,
+    /// Keep every class of the model and add the data.yaml classes it lacks (names matched case-insensitively); implies --train cls unless --train is given
+    #[arg(long)]
+    pub add_classes: bool,
+    /// With --add-classes: no pseudo-labels (the model's own confident detections that no label covers, used as negatives for the new classes)
+    #[arg(long)]
+    pub no_pseudo_labels: bool,
     /// [default: SGD]
     #[arg(long, value_enum)]
     pub optimizer: Option<OptimizerKind>,
@@ -147,6 +153,8 @@ impl TrainArgs {
             ("--hyp", self.hyp.is_some()),
             ("--train", self.train.is_some()),
             ("--reinit-head", self.reinit_head),
+            ("--add-classes", self.add_classes),
+            ("--no-pseudo-labels", self.no_pseudo_labels),
             ("--optimizer", self.optimizer.is_some()),
             ("--cos-lr", self.cos_lr),
             ("--label-smoothing", self.label_smoothing.is_some()),
@@ -237,7 +245,8 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
     let epochs = a.epochs.unwrap_or(50);
     let batch_size = a.batch_size.unwrap_or(16);
     let label_smoothing = a.label_smoothing.unwrap_or(0.0);
-    let train = a.train.unwrap_or(TrainWhat::Head);
+    // --add-classes keeps its promise (old outputs bit-identical) only with --train cls
+    let train = a.train.unwrap_or(if a.add_classes { TrainWhat::Cls } else { TrainWhat::Head });
     let mut hyp = TrainHyp::resolve(a.hyp.as_deref())?;
     // a flag given explicitly overrides the hyp's key; hyp.yaml shows the result
     hyp.lr_box = a.lr_box.unwrap_or(hyp.lr_box);
@@ -259,6 +268,12 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
     }
     if !(0.0..1.0).contains(&label_smoothing) {
         bail!("--label-smoothing must be in [0, 1), got {label_smoothing}");
+    }
+    if a.add_classes && a.reinit_head {
+        bail!("--add-classes keeps every row of the input model's head, and --reinit-head would re-initialise them; use one of the two");
+    }
+    if a.no_pseudo_labels && !a.add_classes {
+        bail!("--no-pseudo-labels applies only with --add-classes; drop it or add --add-classes");
     }
     if train == TrainWhat::Cls && a.reinit_head {
         bail!("--train cls keeps the box and objectness rows frozen, and --reinit-head would re-initialise them at random and leave them untrained; use one of the two");
@@ -295,6 +310,8 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
         cache_dir: a.cache_dir.clone().unwrap_or_else(default_cache_dir),
         dtype: a.dtype.unwrap_or(Dtype::F16),
         freeze: a.freeze.unwrap_or(freezesplit_head_only()),
+        add_classes: a.add_classes,
+        pseudo_labels: !a.no_pseudo_labels,
         engine: a.engine.options(),
         progress: true,
     })

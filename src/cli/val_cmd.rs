@@ -73,9 +73,15 @@ pub fn run(a: ValArgs) -> Result<()> {
         bail!("the `{}` split of {} has no images", a.split, a.data.display());
     }
     let (model, head, source) = crate::weights::resolve(&a.weights)?;
-    if data.nc() != head.nc {
-        bail!("{} detects {} classes but {} has {}; validate on the dataset the head was trained for", a.weights.display(), head.nc, a.data.display(), data.nc());
-    }
+    // a dataset naming some of the model's classes is validated on those (val::classes)
+    let selected = val::classes::val_classes(&head, &data.names, &a.weights.display().to_string(), &a.data.display().to_string())?;
+    let base_nc = val::classes::base_nc_of(&model, &source)?;
+    let groups = (selected.is_some() || base_nc.is_some())
+        .then(|| val::classes::ClassGroups { model_nc: head.nc, model_ids: selected.clone().unwrap_or_else(|| (0..head.nc).collect()), base_nc: base_nc.unwrap_or(head.nc) });
+    let head = match &selected {
+        Some(ids) => val::classes::select_classes(&head, ids),
+        None => head,
+    };
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
     let opts = ValOptions {
         conf_thres: a.conf_thres,
@@ -121,6 +127,7 @@ pub fn run(a: ValArgs) -> Result<()> {
             (r, engine, Some(cache.dir))
         }
     };
+    let report = val::ValReport { groups, ..report };
     if a.json {
         let mut v = val::report::to_json(&report);
         v["engine"] = engine.into();

@@ -98,6 +98,8 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         cache_dir: save_dir.join("cache"),
         dtype: Dtype::F16,
         freeze: crate::graph::cut::HEAD_ONLY,
+        add_classes: false,
+        pseudo_labels: true,
         engine: opts.engine.clone(),
         progress: opts.progress,
     };

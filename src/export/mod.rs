@@ -206,6 +206,16 @@ fn detect_layer_index(weight_name: &str) -> usize {
     }
 }
 
+/// Records (or, for None, removes) the `base_nc` metadata the export copies
+/// from `proto`: how many of an extended model's classes are old.
+pub fn set_base_nc(proto: &mut pb::ModelProto, base_nc: Option<usize>) {
+    let key = crate::val::classes::BASE_NC_KEY;
+    match base_nc {
+        Some(n) => set_metadata(&mut proto.metadata_props, key, n.to_string()),
+        None => proto.metadata_props.retain(|p| p.key != key),
+    }
+}
+
 fn set_metadata(props: &mut Vec<pb::StringStringEntryProto>, key: &str, value: String) {
     match props.iter_mut().find(|p| p.key == key) {
         Some(p) => p.value = value,

@@ -101,7 +101,10 @@ pub fn bbox_ciou(t: &mut Tape, pxy: Var, pwh: Var, tbox: Var) -> Var {
         let one_eps = (1.0f64 + EPS as f64) as f32;
         let a = ndarray::Zip::from(v_val)
             .and(iou_val)
-            .map_collect(|&v, &i| v / (v - i + one_eps));
+            // an IoU rounded above 1 (a prediction on its own box, as a
+            // pseudo-label is) would make the denominator 0 and the loss -inf;
+            // for IoU <= 1 this is YOLOv5's expression unchanged
+            .map_collect(|&v, &i| v / (v - i.min(1.0) + one_eps));
         t.constant(a)
     };
 

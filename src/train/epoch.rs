@@ -122,7 +122,7 @@ pub fn evaluate(run: &Run, head: &Head, values: &Tensors) -> Result<([f64; 4], [
         return Ok(([0.0; 4], [f32::NAN; 3]));
     }
     let items = run.val_items_for(values)?;
-    let r = crate::val::validate_items(head, &items, &run.val_opts)?;
+    let r = run.validate(head, &items)?;
     let bs = run.val_opts.batch_size;
     let mut sum = [0f64; 3];
     let mut batches = 0usize;

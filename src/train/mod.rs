@@ -11,6 +11,7 @@
 //! component's state dict by parameter name (`params.rs`) and from which
 //! results.csv and the last/best heads are derived.
 
+pub mod add_classes;
 pub mod batches;
 pub mod epoch;
 pub mod hyp;
@@ -77,6 +78,12 @@ pub struct TrainOptions {
     /// YOLOv5's `--freeze N`: layers 0..N-1 frozen and cached, N..23 and the head trained.
     #[serde(default = "default_freeze")]
     pub freeze: usize,
+    /// `--add-classes`: keep the model's classes, add data.yaml's new ones.
+    #[serde(default)]
+    pub add_classes: bool,
+    /// With `add_classes`: the input model's own detections as negatives.
+    #[serde(default = "default_pseudo_labels")]
+    pub pseudo_labels: bool,
     #[serde(skip)]
     pub engine: EngineOptions,
     #[serde(skip)]
@@ -90,6 +97,11 @@ pub fn default_patience() -> usize {
 /// `--freeze` of runs made before it existed: the head only.
 pub fn default_freeze() -> usize {
     crate::graph::cut::HEAD_ONLY
+}
+
+/// `--add-classes` uses pseudo-labels unless `--no-pseudo-labels`.
+pub fn default_pseudo_labels() -> bool {
+    true
 }
 
 /// train.py's `--save-period` default (off).
@@ -200,7 +212,7 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
     std::fs::create_dir_all(&wdir).with_context(|| format!("cannot create {}", wdir.display()))?;
     let mut st = begin(&run, opts, &wdir, resume)?;
 
-    let before = if run.val_items.is_empty() { None } else { Some(crate::val::validate_items(&run.head0, &run.val_items_for(&st.params.values())?, &run.val_opts)?) };
+    let before = if run.val_items.is_empty() { None } else { Some(run.validate(&run.head0, &run.val_items_for(&st.params.values())?)?) };
     let train_start = std::time::Instant::now();
     let mut rows = Vec::new();
     for epoch in st.counters.epoch..opts.epochs {
@@ -241,7 +253,7 @@ pub fn train(opts: &TrainOptions, resume: bool) -> Result<TrainReport> {
     let done = rows.len();
     eprintln!("{done} epochs completed in {:.1}s ({:.2}s per epoch)", train_start.elapsed().as_secs_f64(), train_start.elapsed().as_secs_f64() / done.max(1) as f64);
     let after = match (run.val_items.is_empty(), &st.best) {
-        (false, Some(best)) => Some(crate::val::validate_items(&run.layout.head(&run.head0, best)?, &run.val_items_for(best)?, &run.val_opts)?),
+        (false, Some(best)) => Some(run.validate(&run.layout.head(&run.head0, best)?, &run.val_items_for(best)?)?),
         _ => None,
     };
     if let Err(e) = results::plot_run(save_dir, &save_dir.join("results.csv"), after.as_ref()) {

@@ -50,6 +50,8 @@ pub struct Run {
     pub source: HashMap<String, String>,
     /// Layers N..23 for `--freeze N` below 24.
     pub tail: Option<super::tail::TailRun>,
+    /// `--add-classes`: the dataset's classes among the extended model's.
+    pub add_classes: Option<super::add_classes::AddClasses>,
 }
 
 impl Run {
@@ -93,7 +95,8 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
     if opts.batch_size > train_images.len() {
         bail!("--batch-size {} is larger than the train split of {} ({} images); use a batch size from 1 to {}", opts.batch_size, opts.data.display(), train_images.len(), train_images.len());
     }
-    let (head0, note) = starting_head(&model, &data.names, opts)?;
+    let add = if opts.add_classes { Some(super::add_classes::plan(&model.spec.names, &data.names, opts)?) } else { None };
+    let (head0, note) = starting_head(&model, &data.names, opts, add.as_ref())?;
 
     let cache_start = std::time::Instant::now();
     let cut = model.cut(opts.freeze)?;
@@ -106,8 +109,8 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
     };
     let (cache, frozen) = FeatureCache::open_at(&opts.cache_dir, &model, &cut, opts.imgsz)?;
     let mut engine = None;
-    let train = prepare_split(&cache, &mut engine, &frozen, opts, &train_images, nc, "train")?;
-    let val = prepare_split(&cache, &mut engine, &frozen, opts, &val_images, nc, "val")?;
+    let mut train = prepare_split(&cache, &mut engine, &frozen, opts, &train_images, nc, "train")?;
+    let mut val = prepare_split(&cache, &mut engine, &frozen, opts, &val_images, nc, "val")?;
     drop(engine);
     let cache_seconds = cache_start.elapsed().as_secs_f64();
     if train.samples.is_empty() {
@@ -115,6 +118,9 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
     }
     if let Some(note) = note {
         eprintln!("{note}");
+    }
+    if let Some(plan) = &add {
+        super::add_classes::prepare_targets(plan, &model, &mut train, &mut val, tail.as_ref(), opts)?;
     }
     // load_split already hashed the images and verified their entries
     let val_items: Vec<ValItem> = val.samples.iter().map(|s| ValItem { image: s.image.clone(), entry: s.entry.clone() }).collect();
@@ -127,16 +133,23 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
     };
     let anchors_grid: Vec<Vec<[f32; 2]>> = head0.anchors.iter().zip(&head0.strides).map(|(a, s)| a.iter().map(|[w, h]| [w / s, h / s]).collect()).collect();
     let loss_hyp = opts.hyp.loss_hyp(opts.label_smoothing);
-    let cfg = LossConfig::new(scale_hyp(&loss_hyp, nc, head0.nl(), opts.imgsz), nc, anchors_grid);
+    // the head's class count: data.yaml's, or the extended model's with --add-classes
+    let cfg = LossConfig::new(scale_hyp(&loss_hyp, head0.nc, head0.nl(), opts.imgsz), head0.nc, anchors_grid);
     let schedule = Schedule::new(&opts.hyp, opts.epochs, train.samples.len().div_ceil(opts.batch_size), opts.batch_size, opts.cos_lr);
 
     let mut source = HashMap::new();
     source.insert("model".to_string(), std::path::absolute(&opts.weights)?.display().to_string());
     source.insert("cache".to_string(), cache.dir.display().to_string());
     source.insert("data".to_string(), std::path::absolute(&opts.data)?.display().to_string());
+    if let Some(plan) = &add {
+        super::add_classes::source_entries(plan, &mut source);
+    }
 
     Ok(Run {
-        row_lr: row_lr(&head0, opts),
+        row_lr: match &add {
+            Some(plan) if opts.train == TrainWhat::Cls => super::add_classes::cls_row_lr(&head0, plan.base_nc, opts.lr_cls),
+            _ => row_lr(&head0, opts),
+        },
         layout: HeadLayout::of(&model),
         head0,
         loss_hyp,
@@ -154,19 +167,22 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
         cache_seconds,
         source: { let mut s = source; s.insert("freeze".into(), opts.freeze.to_string()); s },
         tail,
+        add_classes: add,
     })
 }
 
 /// The head to start from, refused if it holds non-finite values, and the
 /// line that says how it was made.
-fn starting_head(model: &Model, names: &[String], opts: &TrainOptions) -> Result<(Head, Option<String>)> {
+fn starting_head(model: &Model, names: &[String], opts: &TrainOptions, add: Option<&super::add_classes::AddClasses>) -> Result<(Head, Option<String>)> {
     let pretrained = Head::from_model(model)?;
     let layout = HeadLayout::of(model);
     if let Some(name) = layout.params(&pretrained, &[]).first_non_finite() {
         bail!("the Detect head of {} holds NaN or infinite values (initializer `{name}`); export the model again from a checkpoint that trained without diverging", opts.weights.display());
     }
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    Ok(if opts.reinit_head {
+    Ok(if let Some(plan) = add {
+        (super::add_classes::extend_head(&pretrained, &plan.added, &mut rng), Some(plan.describe()))
+    } else if opts.reinit_head {
         (init::reinit_head(&pretrained, names, &mut rng), None)
     } else if pretrained.names != names {
         let note = (opts.train == TrainWhat::Cls || pretrained.nc != names.len())

@@ -16,6 +16,7 @@
 //! `validate` is the core the trainer calls each epoch; `cached_items` +
 //! `validate_items` let it skip re-hashing the image files every epoch.
 
+pub mod classes;
 pub mod full;
 pub mod loss;
 pub mod report;
@@ -83,6 +84,9 @@ pub struct ValReport {
     /// Polygon labels read as their bounding boxes.
     pub segments: usize,
     pub seconds: f64,
+    /// The model classes behind the report's classes, for a dataset matched
+    /// by name or an extended model (old and new classes reported apart).
+    pub groups: Option<classes::ClassGroups>,
 }
 
 /// An image with the path of its verified cache entry. The entry is mapped
@@ -187,7 +191,7 @@ fn check_entry(head: &Head, image: &Path, entry: &Entry) -> Result<()> {
 }
 
 /// `Head::decode_above` on an entry's levels as stored (f16 stays f16).
-fn decode_entry(head: &Head, e: &Entry, min_obj: f64) -> Array2<f32> {
+pub fn decode_entry(head: &Head, e: &Entry, min_obj: f64) -> Array2<f32> {
     use crate::features::FeatSlice;
     let hw = |i: usize| (e.header.shapes[i][1], e.header.shapes[i][2]);
     let n = e.header.shapes.len();
@@ -318,6 +322,7 @@ impl Accumulator {
             skipped_labels: self.skipped_labels,
             segments: self.segments,
             seconds: start.elapsed().as_secs_f64(),
+            groups: None,
         }
     }
 }

@@ -71,6 +71,15 @@ pub fn text(r: &ValReport) -> String {
     out += &format!("class-agnostic mAP50 {:.4}\n", s.agnostic_map50);
     let a = &s.class_accuracy;
     out += &format!("matched-box class accuracy {:.4} ({} of {} labels matched at IoU >= 0.5)\n", a.accuracy, a.correct, a.matched);
+    if let Some(g) = r.groups.as_ref().filter(|g| g.base_nc < g.model_nc) {
+        let [old, new] = g.maps(s);
+        for (what, m) in [("old", old), ("new", new)] {
+            match m {
+                Some(m) => out += &format!("{what} classes of the model ({} with labels): mAP50 {:.4}, mAP50-95 {:.4}\n", m.classes, m.map50, m.map),
+                None => out += &format!("{what} classes of the model: none with labels here\n"),
+            }
+        }
+    }
     if let Some([b, o, c]) = r.losses {
         out += &format!("val losses: box {b:.5}, obj {o:.5}, cls {c:.5}\n");
     }
@@ -97,7 +106,12 @@ pub fn to_json(r: &ValReport) -> Value {
     let matrix: Vec<Vec<u64>> = m.rows().into_iter().map(|r| r.to_vec()).collect();
     let [correct, wrong, fp, missed] = confusion_totals(r);
     let loss = |i: usize| r.losses.map(|l| l[i]);
+    let [old, new] = r.groups.as_ref().map_or([None, None], |g| g.maps(s));
     json!({
+        "model_classes": r.groups.as_ref().map(|g| &g.model_ids),
+        "model_nc": r.groups.as_ref().map(|g| g.model_nc),
+        "base_nc": r.groups.as_ref().map(|g| g.base_nc),
+        "old_classes": old, "new_classes": new,
         "images": s.seen,
         "instances": s.instances,
         "P": s.mp, "R": s.mr, "mAP50": s.map50, "mAP50_95": s.map,

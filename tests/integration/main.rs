@@ -3,6 +3,7 @@
 
 mod common;
 
+mod add_classes;
 mod cache;
 mod data;
 mod demo;

@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use freezesplit::graph::Model;
 use freezesplit::head::Head;
 
-const MODEL: &str = "models/tiny-256-nc3-stripped.onnx";
+pub(crate) const MODEL: &str = "models/tiny-256-nc3-stripped.onnx";
 
 /// 8 train and 4 val images (fixture images with distinct trailing bytes),
 /// each with two labelled boxes; one label file has a bad line.

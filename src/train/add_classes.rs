@@ -1,0 +1,253 @@
+//! `train --add-classes`: the input model keeps every class it has and gains
+//! the data.yaml classes it lacks. In: the model's head and names, the
+//! dataset's names, the prepared splits. Out: the plan (`AddClasses`: which
+//! names matched, which are new, each dataset class's model id), the extended
+//! head (old rows copied, new class rows appended with YOLOv5's class-bias
+//! initialisation), the row learning rates, the splits' targets in model ids
+//! plus the pseudo-labels, and validation on the dataset's classes.
+//!
+//! Why it works: with the box and objectness rows frozen, YOLOv5's class
+//! outputs are independent sigmoids, so with `--train cls` the old class rows
+//! and the box/objectness rows have multiplier 0 (neither the optimizer, its
+//! weight decay nor the EMA touches them) and the model's first 5 + nc_old
+//! outputs stay bit-identical. A new row needs negatives or it learns "always
+//! yes": the labelled objects of matched classes (their targets say 0 for the
+//! new classes) and, by default, the input model's own confident detections
+//! that no label covers (objects of old classes the data did not label), added
+//! as labels of their old class.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result, bail};
+use ndarray::{Array1, Array2, s};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use super::batches::SplitData;
+use super::setup::Run;
+use super::tail::TailRun;
+use super::{TrainOptions, TrainWhat};
+use crate::cache::Entry;
+use crate::graph::Model;
+use crate::head::Head;
+use crate::val::{ValItem, ValReport, classes};
+
+/// detect.py's thresholds for the pseudo-labels: YOLOv5's conf = obj × cls.
+pub const PSEUDO_CONF: f64 = 0.25;
+pub const PSEUDO_NMS_IOU: f64 = 0.45;
+/// A detection overlapping a label at this IoU is that label's object.
+pub const PSEUDO_LABEL_IOU: f32 = 0.5;
+
+/// Which data.yaml classes are the model's and which are new.
+#[derive(Debug, Clone)]
+pub struct AddClasses {
+    /// The input model's class count: classes `0..base_nc` are old.
+    pub base_nc: usize,
+    /// The model class id of each dataset class.
+    pub data_to_model: Vec<usize>,
+    /// `(data.yaml name, model name, model id)` of the matched classes.
+    pub matched: Vec<(String, String, usize)>,
+    /// The new classes' names, in data.yaml order (model ids base_nc..).
+    pub added: Vec<String>,
+}
+
+/// Matches data.yaml's names to the model's (case-insensitive); refused with
+/// `--reinit-head` or when no name is new.
+pub fn plan(model_names: &[String], data_names: &[String], opts: &TrainOptions) -> Result<AddClasses> {
+    if opts.reinit_head {
+        bail!("--add-classes keeps every row of the input model's head, and --reinit-head would re-initialise them; use one of the two");
+    }
+    let base_nc = model_names.len();
+    let mut plan = AddClasses { base_nc, data_to_model: Vec::new(), matched: Vec::new(), added: Vec::new() };
+    for (name, m) in data_names.iter().zip(classes::match_names(model_names, data_names)) {
+        match m {
+            Some(id) => {
+                plan.data_to_model.push(id);
+                plan.matched.push((name.clone(), model_names[id].clone(), id));
+            }
+            None => {
+                plan.data_to_model.push(base_nc + plan.added.len());
+                plan.added.push(name.clone());
+            }
+        }
+    }
+    if plan.added.is_empty() {
+        bail!("--add-classes found no new class: every name in {} is already one of the {} classes of {}; train without --add-classes", opts.data.display(), base_nc, opts.weights.display());
+    }
+    Ok(plan)
+}
+
+impl AddClasses {
+    /// The log line: matched names, new names.
+    pub fn describe(&self) -> String {
+        let matched: Vec<String> = self.matched.iter().map(|(d, m, id)| format!("{d} = {m} (class {id})")).collect();
+        let added: Vec<String> = self.added.iter().enumerate().map(|(i, n)| format!("{n} (class {})", self.base_nc + i)).collect();
+        let matched = if matched.is_empty() { "none".to_string() } else { matched.join(", ") };
+        format!("add classes: {} → {} classes; matched by name: {matched}; new: {}", self.base_nc, self.base_nc + self.added.len(), added.join(", "))
+    }
+}
+
+/// The input head with the new class rows appended to every anchor's block:
+/// old rows copied, new rows as YOLOv5 initialises class rows (uniform
+/// ±1/√fan_in, bias plus `log(0.6 / (nc − 0.99))` with the extended nc).
+pub fn extend_head(pre: &Head, added: &[String], rng: &mut ChaCha8Rng) -> Head {
+    let nc = pre.nc + added.len();
+    let (na, old_no, no) = (pre.na(), pre.no(), nc + 5);
+    let prior = (0.6 / (nc as f64 - 0.99)).ln() as f32;
+    let mut weights = Vec::new();
+    let mut biases = Vec::new();
+    for (w, b) in pre.weights.iter().zip(&pre.biases) {
+        let cin = w.ncols();
+        let bound = 1.0 / (cin as f32).sqrt();
+        let mut nw = Array2::<f32>::zeros((na * no, cin));
+        let mut nb = Array1::<f32>::zeros(na * no);
+        for a in 0..na {
+            nw.slice_mut(s![a * no..a * no + old_no, ..]).assign(&w.slice(s![a * old_no..(a + 1) * old_no, ..]));
+            nb.slice_mut(s![a * no..a * no + old_no]).assign(&b.slice(s![a * old_no..(a + 1) * old_no]));
+            for row in a * no + old_no..(a + 1) * no {
+                nw.row_mut(row).mapv_inplace(|_| rng.random_range(-bound..bound));
+                nb[row] = rng.random_range(-bound..bound) + prior;
+            }
+        }
+        weights.push(nw);
+        biases.push(nb);
+    }
+    let mut names = pre.names.clone();
+    names.extend(added.iter().cloned());
+    Head { nc, names, strides: pre.strides.clone(), anchors: pre.anchors.clone(), weights, biases }
+}
+
+/// `--train cls`: only the new class rows train (multiplier `--lr-cls`);
+/// the old class rows and the box and objectness rows are frozen exactly.
+pub fn cls_row_lr(head: &Head, base_nc: usize, lr_cls: f64) -> Vec<f32> {
+    let no = head.no();
+    (0..head.na() * no).map(|r| if r % no < 5 + base_nc { 0.0 } else { lr_cls as f32 }).collect()
+}
+
+/// The data.yaml class ids of both splits' targets as the model's.
+pub fn remap_targets(split: &mut SplitData, data_to_model: &[usize]) {
+    for s in &mut split.samples {
+        for t in &mut s.targets {
+            t[0] = data_to_model[t[0] as usize] as f32;
+        }
+    }
+}
+
+/// Counts of each kind of target, for the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TargetCounts {
+    /// Labelled objects of new classes (positives of the new rows).
+    pub new_labels: usize,
+    /// Labelled objects of matched (old) classes: negatives of the new rows.
+    pub old_labels: usize,
+    /// The input model's own detections added as old-class labels.
+    pub pseudo: usize,
+}
+
+/// Adds the pseudo-labels to `train`: per image, the input head's detections
+/// (conf ≥ 0.25 after NMS at IoU 0.45, on `head_inputs[i]`, the head inputs
+/// of `train.samples[i]`) that overlap no label at IoU ≥ 0.5, as labels of
+/// their class. Returns how many were added.
+pub fn add_pseudo_labels(pre: &Head, train: &mut SplitData, head_inputs: &[ValItem]) -> Result<usize> {
+    let found: Vec<Vec<[f32; 5]>> = train
+        .samples
+        .par_iter()
+        .zip(head_inputs)
+        .map(|(sample, item)| {
+            let e = Entry::open_verified_before(&item.entry)?;
+            let imgsz = e.header.letterbox.imgsz as f32;
+            let pred = crate::val::decode_entry(pre, &e, PSEUDO_CONF);
+            let det = crate::metrics::non_max_suppression(pred.view(), PSEUDO_CONF, PSEUDO_NMS_IOU, None, false, false, 300);
+            Ok(unlabelled(det.view(), &sample.targets, imgsz))
+        })
+        .collect::<Result<_>>()?;
+    let mut n = 0;
+    for (sample, extra) in train.samples.iter_mut().zip(found) {
+        n += extra.len();
+        sample.targets.extend(extra);
+    }
+    Ok(n)
+}
+
+/// The detections (`[n, 6]` xyxy conf cls, letterboxed pixels) that overlap
+/// no target (`[cls, x, y, w, h]` normalised by imgsz) at IoU ≥ 0.5, as
+/// targets, boxes clipped to the image.
+fn unlabelled(det: ndarray::ArrayView2<f32>, targets: &[[f32; 5]], imgsz: f32) -> Vec<[f32; 5]> {
+    let labels = Array2::from_shape_fn((targets.len(), 4), |(i, k)| {
+        let [_, x, y, w, h] = targets[i];
+        [x - w / 2.0, y - h / 2.0, x + w / 2.0, y + h / 2.0][k] * imgsz
+    });
+    let iou = crate::metrics::box_iou(det, labels.view());
+    (0..det.nrows())
+        .filter(|&i| iou.row(i).iter().all(|&v| v < PSEUDO_LABEL_IOU))
+        .map(|i| {
+            let c = |k: usize| det[[i, k]].clamp(0.0, imgsz);
+            let (x1, y1, x2, y2) = (c(0), c(1), c(2), c(3));
+            [det[[i, 5]], (x1 + x2) / 2.0 / imgsz, (y1 + y2) / 2.0 / imgsz, (x2 - x1) / imgsz, (y2 - y1) / imgsz]
+        })
+        .filter(|t| t[3] > 0.0 && t[4] > 0.0)
+        .collect()
+}
+
+/// The labelled targets of `train` by kind (before pseudo-labels).
+pub fn count_labels(train: &SplitData, base_nc: usize) -> TargetCounts {
+    let mut c = TargetCounts::default();
+    for t in train.samples.iter().flat_map(|s| &s.targets) {
+        if (t[0] as usize) < base_nc { c.old_labels += 1 } else { c.new_labels += 1 }
+    }
+    c
+}
+
+/// The log line of the targets used.
+pub fn describe_counts(c: &TargetCounts, pseudo_on: bool, train: TrainWhat) -> String {
+    let pseudo = if pseudo_on {
+        format!("{} pseudo-labels (the input model's own detections, conf ≥ {PSEUDO_CONF} after NMS at IoU {PSEUDO_NMS_IOU}, overlapping no label at IoU ≥ {PSEUDO_LABEL_IOU})", c.pseudo)
+    } else {
+        "no pseudo-labels (--no-pseudo-labels)".to_string()
+    };
+    let what = match train {
+        TrainWhat::Cls => "only the new class rows train; the old class rows and the box and objectness rows stay bit-identical",
+        TrainWhat::Head => "--train head: the old class rows and the box and objectness rows train too, so the old classes' outputs change (the before/after table shows what they lost)",
+    };
+    format!("add classes: train targets: {} labelled objects of new classes (positives); negatives for the new rows: {} labelled objects of the model's classes and {pseudo}; {what}", c.new_labels, c.old_labels)
+}
+
+/// The splits' targets in model ids and, unless `--no-pseudo-labels`, the
+/// pseudo-labels added to the train split (from the head inputs: the cache
+/// entries at N = 24, else the frozen tail's output); logs the counts.
+pub fn prepare_targets(plan: &AddClasses, model: &Model, train: &mut SplitData, val: &mut SplitData, tail: Option<&TailRun>, opts: &TrainOptions) -> Result<()> {
+    remap_targets(train, &plan.data_to_model);
+    remap_targets(val, &plan.data_to_model);
+    let mut counts = count_labels(train, plan.base_nc);
+    if opts.pseudo_labels {
+        let pre = Head::from_model(model)?;
+        let items: Vec<ValItem> = train.samples.iter().map(|s| ValItem { image: s.image.clone(), entry: s.entry.clone() }).collect();
+        counts.pseudo = match tail {
+            None => add_pseudo_labels(&pre, train, &items)?,
+            Some(t) => {
+                let dir = tempfile::Builder::new().prefix("freezesplit-pseudo-").tempdir().context("cannot create a temporary directory for the pseudo-labels' head inputs")?;
+                let inputs = super::tail::val_items(&t.net, &items, &train.shapes.clone(), opts.batch_size, dir.path())?;
+                add_pseudo_labels(&pre, train, &inputs)?
+            }
+        };
+    }
+    eprintln!("{}", describe_counts(&counts, opts.pseudo_labels, opts.train));
+    Ok(())
+}
+
+/// Provenance of an extended head: how many of its classes are old.
+pub fn source_entries(plan: &AddClasses, source: &mut HashMap<String, String>) {
+    source.insert(classes::BASE_NC_KEY.to_string(), plan.base_nc.to_string());
+}
+
+impl Run {
+    /// `head` validated on the val split; with `--add-classes`, on the
+    /// dataset's classes (matched by name), old and new reported apart.
+    pub fn validate(&self, head: &Head, items: &[ValItem]) -> Result<ValReport> {
+        let Some(plan) = &self.add_classes else { return crate::val::validate_items(head, items, &self.val_opts) };
+        let mut r = crate::val::validate_items(&classes::select_classes(head, &plan.data_to_model), items, &self.val_opts)?;
+        r.groups = Some(classes::ClassGroups { model_nc: head.nc, model_ids: plan.data_to_model.clone(), base_nc: plan.base_nc });
+        Ok(r)
+    }
+}
