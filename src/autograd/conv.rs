@@ -7,7 +7,7 @@
 // Backward is composed from the same pieces (as candle's backprop.rs does):
 // conv dW = dY · colᵀ, dX = col2im(Wᵀ · dY); the transposed conv is the
 // adjoint of a conv, so its forward is the conv's dX and its dX the conv's
-// forward. dX is skipped when x needs no gradient (the tail's first layer
+// forward. dW uses row dot products on large maps (see NT_MIN_P). dX is skipped when x needs no gradient (the tail's first layer
 // reads cached features), dW/db when the weights are frozen. The per-image
 // weight partials are summed in image order, so results do not depend on
 // the thread count.
@@ -16,8 +16,13 @@ use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
 use super::tape::{GradAcc, Op, Tape, Var};
-use crate::kernels::conv::{Geom, Mat, col2im, im2col, sgemm};
+use crate::kernels::conv::{Geom, Mat, col2im, im2col, sgemm, sgemm_nt_acc};
 use crate::tail::ops::{ConvSpec, ConvTransposeSpec};
+
+/// From this many output pixels on, dW = dY·colᵀ runs as row dot products
+/// (`sgemm_nt_acc`: no packing); below, as a packed GEMM on the transposed
+/// col (the dot kernel's per-tile lane sums then cost more than the packing).
+const NT_MIN_P: usize = 1600;
 
 /// A value's data in row-major order (borrowed when it already is).
 pub(super) fn contiguous(a: &ArrayD<f32>) -> std::borrow::Cow<'_, [f32]> {
@@ -178,7 +183,12 @@ pub fn conv2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec: &ConvSpec
                         im2col(&geo, xg, &mut col);
                         &col
                     };
-                    sgemm(mg, p, k, 1.0, gy, Mat::t(cm, p), 0.0, &mut dw[gi * mg * k..(gi + 1) * mg * k]);
+                    let dwg = &mut dw[gi * mg * k..(gi + 1) * mg * k];
+                    if p >= NT_MIN_P {
+                        sgemm_nt_acc(mg, k, p, gy.data, p, cm, p, dwg);
+                    } else {
+                        sgemm(mg, p, k, 1.0, gy, Mat::t(cm, p), 0.0, dwg);
+                    }
                 }
                 if need_x {
                     let wt = Mat::t(&ws[gi * mg * k..(gi + 1) * mg * k], k);

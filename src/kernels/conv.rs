@@ -5,10 +5,15 @@
 // `im2col` writes col [c*kh*kw, oh*ow] (row (ci, ki, kj), zeros in the
 // padding), `col2im` adds such a col back into an input-shaped buffer (the
 // adjoint of im2col: conv's input gradient, conv-transpose's forward);
-// `sgemm` is C = alpha·A·B + beta·C on strided operands.
+// `sgemm` is C = alpha·A·B + beta·C on strided operands and `sgemm_nt_acc`
+// C += A·Bᵀ along rows (both in `gemm`: AVX-512 chosen at run time).
 // Why here: the convolution and both of its gradients are three GEMMs around
 // these two copies (candle's backprop.rs composes them the same way); the
 // callers parallelise over images with rayon, so the GEMM stays serial.
+
+mod gemm;
+
+pub use gemm::{Mat, Path, has_avx512, sgemm, sgemm_nt_acc, sgemm_nt_acc_on, sgemm_on};
 
 /// One image's convolution geometry (ONNX Conv, NCHW, no batch, one group).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,47 +130,6 @@ pub fn col2im(g: &Geom, col: &[f32], x: &mut [f32]) {
     }
 }
 
-/// A matrix operand: data with row and column strides (in elements), so a
-/// transpose is a stride swap rather than a copy.
-#[derive(Clone, Copy)]
-pub struct Mat<'a> {
-    pub data: &'a [f32],
-    pub rs: usize,
-    pub cs: usize,
-}
-
-impl<'a> Mat<'a> {
-    /// A row-major [rows, cols] matrix.
-    pub fn rows(data: &'a [f32], cols: usize) -> Self {
-        Mat { data, rs: cols, cs: 1 }
-    }
-
-    /// The transpose of a row-major matrix with `cols` columns.
-    pub fn t(data: &'a [f32], cols: usize) -> Self {
-        Mat { data, rs: 1, cs: cols }
-    }
-}
-
-/// c [m, n] (row-major, leading dimension n) = alpha · a [m, k] · b [k, n] + beta · c.
-pub fn sgemm(m: usize, k: usize, n: usize, alpha: f32, a: Mat, b: Mat, beta: f32, c: &mut [f32]) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |x: &Mat, r: usize, cc: usize| (r - 1) * x.rs + (cc - 1) * x.cs;
-    assert!(c.len() >= m * n, "sgemm: c too small");
-    if k > 0 {
-        assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len(), "sgemm: operand too small");
-    }
-    // SAFETY: every index the product reads or writes is within the slices,
-    // checked above from the shapes and strides.
-    unsafe {
-        matrixmultiply::sgemm(
-            m, k, n, alpha, a.data.as_ptr(), a.rs as isize, a.cs as isize, b.data.as_ptr(), b.rs as isize, b.cs as isize, beta,
-            c.as_mut_ptr(), n as isize, 1,
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +179,37 @@ mod tests {
             let lhs: f64 = col.iter().zip(&y).map(|(a, b)| (a * b) as f64).sum();
             let rhs: f64 = x.iter().zip(&xt).map(|(a, b)| (a * b) as f64).sum();
             assert!((lhs - rhs).abs() < 1e-4, "{g:?}: {lhs} vs {rhs}");
+        }
+    }
+
+    /// The AVX-512 kernels against matrixmultiply on the same operands: every
+    /// stride layout, edges in all three dimensions, several k blocks.
+    #[test]
+    fn avx512_gemm_matches_the_fallback() {
+        if !has_avx512() {
+            eprintln!("skipping avx512_gemm_matches_the_fallback: this CPU has no AVX-512");
+            return;
+        }
+        for (m, k, n) in [(1, 1, 1), (3, 5, 7), (8, 128, 48), (9, 129, 49), (17, 300, 100), (32, 288, 800), (64, 40, 1601)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let (a, b, c0) = (vals(m * k, 1), vals(k * n, 2), vals(m * n, 3));
+                let am = if ta { Mat::t(&a, m) } else { Mat::rows(&a, k) };
+                let bm = if tb { Mat::t(&b, k) } else { Mat::rows(&b, n) };
+                for beta in [0.0, 0.3] {
+                    let (mut c1, mut c2) = (c0.clone(), c0.clone());
+                    sgemm_on(Path::Avx512, m, k, n, 0.7, am, bm, beta, &mut c1);
+                    sgemm_on(Path::Fallback, m, k, n, 0.7, am, bm, beta, &mut c2);
+                    let e = c1.iter().zip(&c2).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+                    assert!(e < 1e-4 * (k as f32).sqrt().max(1.0), "sgemm {m}x{k}x{n} ta {ta} tb {tb} beta {beta}: max diff {e}");
+                }
+            }
+            // c [m, n] += a [m, k] · b [n, k]ᵀ, rows one float longer than used
+            let (a, b, c0) = (vals(m * (k + 1), 4), vals(n * (k + 1), 5), vals(m * n, 6));
+            let (mut c1, mut c2) = (c0.clone(), c0.clone());
+            sgemm_nt_acc_on(Path::Avx512, m, n, k, &a, k + 1, &b, k + 1, &mut c1);
+            sgemm_nt_acc_on(Path::Fallback, m, n, k, &a, k + 1, &b, k + 1, &mut c2);
+            let e = c1.iter().zip(&c2).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(e < 1e-4 * (k as f32).sqrt().max(1.0), "sgemm_nt_acc {m}x{k}x{n}: max diff {e}");
         }
     }
 
