@@ -29,15 +29,18 @@ impl Tape {
         assert!(h > 0 && w > 0 && oh > 0 && ow > 0, "resize_nearest: empty map");
         let (ys, xs) = (nearest_src(oh, h, scales[0]), nearest_src(ow, w, scales[1]));
         let data = contiguous(xv);
-        let mut out = vec![0.0f32; n * c * oh * ow];
-        out.par_chunks_mut(oh * ow).zip(data.par_chunks(h * w)).for_each(|(o, plane)| {
-            for (orow, &iy) in o.chunks_exact_mut(ow).zip(&ys) {
-                let src = &plane[iy * w..(iy + 1) * w];
-                for (d, &ix) in orow.iter_mut().zip(&xs) {
-                    *d = src[ix];
+        // SAFETY: every output row of every plane is written, cell by cell.
+        let out = unsafe {
+            crate::kernels::elementwise::filled(n * c * oh * ow, oh * ow, |pi, o| {
+                let plane = &data[pi * h * w..(pi + 1) * h * w];
+                for (orow, &iy) in o.chunks_exact_mut(ow).zip(&ys) {
+                    let src = &plane[iy * w..(iy + 1) * w];
+                    for (d, &ix) in orow.iter_mut().zip(&xs) {
+                        d.write(src[ix]);
+                    }
                 }
-            }
-        });
+            })
+        };
         let v = ArrayD::from_shape_vec(IxDyn(&[n, c, oh, ow]), out).unwrap();
         self.push_op(v, Op::ResizeNearest { x, ys, xs }, &[x])
     }

@@ -4,9 +4,9 @@
 // re-lays-out the gradient (index_select accumulates duplicate rows).
 
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
-use rayon::prelude::*;
 
 use super::tape::{GradAcc, Op, Tape, Var};
+use crate::kernels::elementwise as ew;
 
 #[derive(Clone, Debug)]
 pub enum ShapeOp {
@@ -157,21 +157,17 @@ fn concat_standard(arrays: &[&ArrayD<f32>], axis: usize) -> ArrayD<f32> {
     let outer: usize = shape[..axis].iter().product();
     let runs: Vec<usize> = arrays.iter().map(|a| a.shape()[axis] * inner).collect();
     let row: usize = runs.iter().sum();
-    let mut out = vec![0.0f32; outer * row];
-    if row > 0 {
-        let fill = |(o, dst): (usize, &mut [f32])| {
+    // SAFETY: each piece (one outer index) gets every input's run in turn,
+    // and the runs add up to the piece's length.
+    let out = unsafe {
+        ew::filled(outer * row, row, |o, dst| {
             let mut at = 0;
             for (src, &r) in slices.iter().zip(&runs) {
-                dst[at..at + r].copy_from_slice(&src[o * r..(o + 1) * r]);
+                ew::copy_into(&mut dst[at..at + r], &src[o * r..(o + 1) * r]);
                 at += r;
             }
-        };
-        if out.len() >= super::binary::PAR_MIN {
-            out.par_chunks_mut(row).enumerate().for_each(fill);
-        } else {
-            out.chunks_mut(row).enumerate().for_each(fill);
-        }
-    }
+        })
+    };
     ArrayD::from_shape_vec(IxDyn(&shape), out).unwrap()
 }
 
@@ -186,15 +182,8 @@ fn slice_standard(g: &ArrayD<f32>, axis: usize, start: usize, end: usize) -> Arr
     let row = shape[axis] * inner;
     shape[axis] = end - start;
     let run = (end - start) * inner;
-    let mut out = vec![0.0f32; shape.iter().product()];
-    if run > 0 {
-        let copy = |(o, dst): (usize, &mut [f32])| dst.copy_from_slice(&gd[o * row + start * inner..o * row + end * inner]);
-        if out.len() >= super::binary::PAR_MIN {
-            out.par_chunks_mut(run).enumerate().for_each(copy);
-        } else {
-            out.chunks_mut(run).enumerate().for_each(copy);
-        }
-    }
+    // SAFETY: each piece (one outer index) is one whole run of g, copied.
+    let out = unsafe { ew::filled(shape.iter().product(), run, |o, dst| ew::copy_into(dst, &gd[o * row + start * inner..o * row + end * inner])) };
     ArrayD::from_shape_vec(IxDyn(&shape), out).unwrap()
 }
 

@@ -20,6 +20,7 @@ use std::arch::x86_64::*;
 
 pub mod bce;
 pub mod conv;
+pub mod elementwise;
 
 use std::ops::Range;
 

@@ -33,6 +33,9 @@ pub enum StepOp {
     Resize { out: [usize; 2], scales: [f32; 2] },
     Concat(usize),
     Elementwise(ElementwiseOp),
+    /// `Mul(x, Sigmoid(x))` (the exported SiLU) whose Sigmoid nothing else
+    /// reads, as one op (`fuse_silu`); its one input is x.
+    Silu,
 }
 
 /// An input of a step: a feature map by name, or a constant baked in.
@@ -181,7 +184,7 @@ impl TailNet {
                 bail!("the tail after --freeze {} does not compute the head input `{h}`", cut.freeze);
             }
         }
-        // Only what the head reads: drop steps whose outputs nobody uses.
+        let steps = fuse_silu(steps, &cut.head_inputs);
         Ok(TailNet { steps, crossing: cut.crossing.iter().map(|c| c.name.clone()).collect(), head_inputs: cut.head_inputs.clone(), params })
     }
 
@@ -208,6 +211,7 @@ impl TailNet {
                 StepOp::Elementwise(ElementwiseOp::Add) => t.add(args[0], args[1]),
                 StepOp::Elementwise(ElementwiseOp::Mul) => t.mul(args[0], args[1]),
                 StepOp::Elementwise(ElementwiseOp::Sigmoid) => t.sigmoid(args[0]),
+                StepOp::Silu => t.silu(args[0]),
             };
             values.insert(s.output.as_str(), y);
         }
@@ -218,6 +222,42 @@ impl TailNet {
     pub fn param_count(&self) -> usize {
         self.params.values().map(|v| v.len()).sum()
     }
+}
+
+/// Replaces each `Mul(x, s)` / `Mul(s, x)` with `s = Sigmoid(x)` read by
+/// nothing else (no other step, not a head input) by one `Silu` step of x
+/// (in the Mul's place, named after it) and drops the Sigmoid: one pass over
+/// the map forward and backward instead of two, and no σ map kept on the
+/// tape. Other graphs' Sigmoids and Muls stay as they are.
+fn fuse_silu(steps: Vec<Step>, head_inputs: &[String]) -> Vec<Step> {
+    let mut readers: HashMap<&str, usize> = HashMap::new();
+    for name in steps.iter().flat_map(|s| s.inputs.iter()).filter_map(|i| if let Input::Tensor(n) = i { Some(n.as_str()) } else { None }).chain(head_inputs.iter().map(String::as_str)) {
+        *readers.entry(name).or_default() += 1;
+    }
+    let producer: HashMap<&str, usize> = steps.iter().enumerate().map(|(k, s)| (s.output.as_str(), k)).collect();
+    // the Sigmoid of x, when `sig` is one that only this Mul reads
+    let sigmoid_of = |sig: &str, x: &str| -> Option<usize> {
+        let &k = producer.get(sig)?;
+        let s = &steps[k];
+        let of_x = matches!(&s.inputs[..], [Input::Tensor(src)] if src == x);
+        (matches!(s.op, StepOp::Elementwise(ElementwiseOp::Sigmoid)) && of_x && readers.get(sig) == Some(&1)).then_some(k)
+    };
+    let mut fused: Vec<Option<(usize, String)>> = vec![None; steps.len()];
+    for (k, s) in steps.iter().enumerate() {
+        let (StepOp::Elementwise(ElementwiseOp::Mul), [Input::Tensor(a), Input::Tensor(b)]) = (&s.op, &s.inputs[..]) else { continue };
+        fused[k] = sigmoid_of(b, a).map(|j| (j, a.clone())).or_else(|| sigmoid_of(a, b).map(|j| (j, b.clone())));
+    }
+    let dropped: std::collections::HashSet<usize> = fused.iter().flatten().map(|(j, _)| *j).collect();
+    steps
+        .into_iter()
+        .zip(fused)
+        .enumerate()
+        .filter(|(k, _)| !dropped.contains(k))
+        .map(|(_, (s, f))| match f {
+            Some((_, x)) => Step { op: StepOp::Silu, inputs: vec![Input::Tensor(x)], ..s },
+            None => s,
+        })
+        .collect()
 }
 
 fn weight_dims(ix: &GraphIndex, node: &onnx::pb::NodeProto, k: usize) -> Result<Vec<usize>> {
@@ -235,5 +275,47 @@ impl TailNet {
         let xs: Vec<Var> = crossing.into_iter().map(|x| t.constant(x)).collect();
         let outs = self.forward(&mut t, &params, &xs)?;
         Ok(outs.iter().map(|&v| t.value(v).clone()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(node: &str, op: StepOp, inputs: &[&str], output: &str) -> Step {
+        Step { node: node.into(), op, inputs: inputs.iter().map(|n| Input::Tensor(n.to_string())).collect(), output: output.into(), shape: [1, 1, 1] }
+    }
+
+    #[test]
+    fn silu_is_fused_only_where_the_sigmoid_has_no_other_reader() {
+        let sig = || StepOp::Elementwise(ElementwiseOp::Sigmoid);
+        let mul = || StepOp::Elementwise(ElementwiseOp::Mul);
+        let steps = vec![
+            step("s1", sig(), &["x"], "s1o"),
+            step("m1", mul(), &["x", "s1o"], "y1"),
+            // operands swapped
+            step("s2", sig(), &["y1"], "s2o"),
+            step("m2", mul(), &["s2o", "y1"], "y2"),
+            // the Sigmoid is also read by an Add: kept unfused
+            step("s3", sig(), &["y2"], "s3o"),
+            step("m3", mul(), &["y2", "s3o"], "y3"),
+            step("a3", StepOp::Elementwise(ElementwiseOp::Add), &["s3o", "y3"], "z3"),
+            // a Sigmoid of another map: not a SiLU
+            step("s4", sig(), &["z3"], "s4o"),
+            step("m4", mul(), &["y3", "s4o"], "y4"),
+            // a head input Sigmoid: kept
+            step("s5", sig(), &["y4"], "h"),
+            step("m5", mul(), &["y4", "h"], "y5"),
+        ];
+        let out = fuse_silu(steps, &["h".to_string(), "y5".to_string()]);
+        let got: Vec<(&str, String, Vec<String>)> = out
+            .iter()
+            .map(|s| (s.node.as_str(), format!("{:?}", s.op), s.inputs.iter().map(|i| format!("{i:?}")).collect()))
+            .collect();
+        let names: Vec<&str> = got.iter().map(|g| g.0).collect();
+        assert_eq!(names, ["m1", "m2", "s3", "m3", "a3", "s4", "m4", "s5", "m5"]);
+        assert!(matches!(out[0].op, StepOp::Silu) && out[0].output == "y1" && matches!(&out[0].inputs[..], [Input::Tensor(x)] if x == "x"));
+        assert!(matches!(out[1].op, StepOp::Silu) && out[1].output == "y2" && matches!(&out[1].inputs[..], [Input::Tensor(x)] if x == "y1"));
+        assert!(out[2..].iter().all(|s| !matches!(s.op, StepOp::Silu)), "{got:?}");
     }
 }
