@@ -20,6 +20,7 @@
 
 pub mod build;
 pub mod entry;
+pub mod sparse;
 
 use std::path::{Path, PathBuf};
 

@@ -98,6 +98,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         cache_dir: save_dir.join("cache"),
         dtype: Dtype::F16,
         freeze: crate::graph::cut::HEAD_ONLY,
+        sparse: crate::train::sparse::resolve(TrainWhat::Cls, crate::graph::cut::HEAD_ONLY, false, false)?,
         engine: opts.engine.clone(),
         progress: opts.progress,
     };

@@ -20,6 +20,7 @@ pub mod params;
 pub mod results;
 pub mod schedule;
 pub mod setup;
+pub mod sparse;
 pub mod state;
 pub mod tail;
 
@@ -77,6 +78,10 @@ pub struct TrainOptions {
     /// YOLOv5's `--freeze N`: layers 0..N-1 frozen and cached, N..23 and the head trained.
     #[serde(default = "default_freeze")]
     pub freeze: usize,
+    /// Class-only training on the sparse cache and sparse validation
+    /// (`train::sparse`); runs made before it existed are dense.
+    #[serde(default)]
+    pub sparse: bool,
     #[serde(skip)]
     pub engine: EngineOptions,
     #[serde(skip)]

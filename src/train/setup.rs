@@ -50,6 +50,8 @@ pub struct Run {
     pub source: HashMap<String, String>,
     /// Layers N..23 for `--freeze N` below 24.
     pub tail: Option<super::tail::TailRun>,
+    /// The sparse data of `--train cls` (`--sparse`).
+    pub sparse: Option<super::sparse::SparseRun>,
 }
 
 impl Run {
@@ -128,6 +130,11 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
     let anchors_grid: Vec<Vec<[f32; 2]>> = head0.anchors.iter().zip(&head0.strides).map(|(a, s)| a.iter().map(|[w, h]| [w / s, h / s]).collect()).collect();
     let loss_hyp = opts.hyp.loss_hyp(opts.label_smoothing);
     let cfg = LossConfig::new(scale_hyp(&loss_hyp, nc, head0.nl(), opts.imgsz), nc, anchors_grid);
+    // class-only epochs on the positives alone (`train::sparse`)
+    let sparse = match opts.sparse {
+        true => Some(super::sparse::prepare_run(&cache, &train.samples, &val.samples, &val_items, &head0, &cfg, opts.dtype, &val_opts(opts))?),
+        false => None,
+    };
     let schedule = Schedule::new(&opts.hyp, opts.epochs, train.samples.len().div_ceil(opts.batch_size), opts.batch_size, opts.cos_lr);
 
     let mut source = HashMap::new();
@@ -147,14 +154,21 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
         val,
         val_items,
         // the losses are the trainer's own, with the run's hyp (`epoch::evaluate`)
-        val_opts: ValOptions { batch_size: opts.batch_size * 2, dtype: opts.dtype, losses: false, ..Default::default() },
+        val_opts: val_opts(opts),
         weight_decay: schedule.weight_decay(opts.hyp.weight_decay),
         schedule,
         cache_dir: cache.dir.clone(),
         cache_seconds,
         source: { let mut s = source; s.insert("freeze".into(), opts.freeze.to_string()); s },
         tail,
+        sparse,
     })
+}
+
+/// The trainer's validation settings.
+fn val_opts(opts: &TrainOptions) -> ValOptions {
+    // the losses are the trainer's own, with the run's hyp (`epoch::evaluate`)
+    ValOptions { batch_size: opts.batch_size * 2, dtype: opts.dtype, losses: false, ..Default::default() }
 }
 
 /// The head to start from, refused if it holds non-finite values, and the

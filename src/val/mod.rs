@@ -19,6 +19,7 @@
 pub mod full;
 pub mod loss;
 pub mod report;
+pub mod sparse;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -16,5 +16,6 @@ mod metrics_parity;
 mod predict;
 mod tail;
 mod robust;
+mod sparse;
 mod train;
 mod val;
