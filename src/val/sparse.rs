@@ -9,13 +9,16 @@
 //! are decoded once (`Head::decode_above`, the dense path's own code) with
 //! the feature column of each candidate. An epoch recomputes only the class
 //! scores of the candidates, with the same kernel and summation as the dense
-//! decode, then NMS and the metrics as the dense path runs them: the metrics
-//! are the dense path's (a test checks them within 1e-6).
+//! decode, then NMS with the pairwise suppressions of the fixed boxes worked
+//! out once (`fixed_nms`) and the metrics as the dense path runs them: the
+//! metrics are the dense path's (a test checks them within 1e-6).
 
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use ndarray::Array2;
+use ndarray::{Array2, s};
+
+use crate::metrics::scale_boxes;
 use rayon::prelude::*;
 
 use super::{Accumulator, ImageResult, SkippedLabel, ValItem, ValOptions, ValReport, evaluate_image, postprocess};
@@ -35,6 +38,8 @@ struct Image {
     /// Per candidate: level, anchor, and where its column starts in `cols`.
     cand: Vec<(u8, u8, usize)>,
     cols: Vec<f32>,
+    /// NMS with the candidates' fixed boxes.
+    nms: super::fixed_nms::FixedNms,
     labelsn: Array2<f32>,
     targets: Array2<f32>,
     skipped_labels: Vec<SkippedLabel>,
@@ -103,7 +108,8 @@ fn build_image(head: &Head, it: &ValItem, opts: &ValOptions) -> Result<Image> {
         bail!("sparse validation found {} candidates in {} where the decode found {}; validate with --dense", cand.len(), it.image.display(), rows.nrows());
     }
     let r = evaluate_image(rows.view(), &e.header.letterbox, &it.image, head.nc, opts)?;
-    Ok(Image { meta: e.header.letterbox, rows, cand, cols, labelsn: r.labelsn, targets: r.targets, skipped_labels: r.skipped_labels, segments: r.segments })
+    let nms = super::fixed_nms::FixedNms::build(rows.view(), head.nc, opts.iou_thres);
+    Ok(Image { meta: e.header.letterbox, nms, rows, cand, cols, labelsn: r.labelsn, targets: r.targets, skipped_labels: r.skipped_labels, segments: r.segments })
 }
 
 impl SparseVal {
@@ -120,7 +126,7 @@ impl SparseVal {
 
     /// Bytes held for the candidates: their f32 columns and decoded rows.
     pub fn bytes(&self) -> usize {
-        self.images.iter().map(|i| (i.cols.len() + i.rows.len()) * 4 + i.cand.len() * std::mem::size_of::<(u8, u8, usize)>()).sum()
+        self.images.iter().map(|i| (i.cols.len() + i.rows.len()) * 4 + i.cand.len() * std::mem::size_of::<(u8, u8, usize)>() + i.nms.bytes()).sum()
     }
 
     /// The letterboxed targets `[m, 5]` of each image, in order.
@@ -149,7 +155,14 @@ impl SparseVal {
                         pred[[r, 5 + j]] = sigmoid(o + head.biases[l][a * no + 5 + j]);
                     }
                 }
-                let predn = postprocess(pred.view(), &im.meta, opts.conf_thres, opts.iou_thres, true, opts.max_det);
+                let predn = match im.nms.run(pred.view(), opts.conf_thres, opts.max_det) {
+                    Some(mut det) => {
+                        let lb = &im.meta;
+                        scale_boxes([lb.imgsz, lb.imgsz], det.slice_mut(s![.., ..4]), lb.shape0, Some(super::ratio_pad(lb)));
+                        det
+                    }
+                    None => postprocess(pred.view(), &im.meta, opts.conf_thres, opts.iou_thres, true, opts.max_det),
+                };
                 ImageResult { predn, labelsn: im.labelsn.clone(), targets: im.targets.clone(), skipped_labels: im.skipped_labels.clone(), segments: im.segments }
             })
             .collect();
