@@ -72,26 +72,39 @@ impl FixedNms {
         // the offset moves a coordinate by its rounding at most: boxes farther
         // apart than this never overlap under any class offset
         let slack = 4.0 * f32::EPSILON * (nc as f32 * MAX_WH + widest + 1.0);
-        let mut bits = vec![0u64; words];
-        for i in 0..n {
+        // sweep in x1 order: only boxes whose x ranges meet can overlap
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| out.boxes[a][0].total_cmp(&out.boxes[b][0]));
+        let mut lists: Vec<Vec<(u32, Vec<u64>)>> = vec![Vec::new(); n];
+        for (k, &i) in order.iter().enumerate() {
             let bi = out.boxes[i];
-            for j in 0..n {
+            for &j in &order[k + 1..] {
                 let bj = out.boxes[j];
-                if j == i || bj[0] > bi[2] + slack || bi[0] > bj[2] + slack || bj[1] > bi[3] + slack || bi[1] > bj[3] + slack {
+                if bj[0] > bi[2] + slack {
+                    break;
+                }
+                if bj[1] > bi[3] + slack || bi[1] > bj[3] + slack {
                     continue;
                 }
-                bits.fill(0);
-                for c in 0..nc {
-                    let off = c as f32 * MAX_WH;
-                    let o = |b: [f32; 4]| [b[0] + off, b[1] + off, b[2] + off, b[3] + off];
-                    if suppresses(o(bi), o(bj), iou_thres) {
-                        bits[c / 64] |= 1 << (c % 64);
+                for (a, b, ba, bb) in [(i, j, bi, bj), (j, i, bj, bi)] {
+                    let mut bits = vec![0u64; words];
+                    for c in 0..nc {
+                        let off = c as f32 * MAX_WH;
+                        let o = |b: [f32; 4]| [b[0] + off, b[1] + off, b[2] + off, b[3] + off];
+                        if suppresses(o(ba), o(bb), iou_thres) {
+                            bits[c / 64] |= 1 << (c % 64);
+                        }
+                    }
+                    if bits.iter().any(|&w| w != 0) {
+                        lists[a].push((b as u32, bits));
                     }
                 }
-                if bits.iter().any(|&w| w != 0) {
-                    out.nbr.push(j as u32);
-                    out.mask.extend_from_slice(&bits);
-                }
+            }
+        }
+        for l in lists {
+            for (j, bits) in l {
+                out.nbr.push(j);
+                out.mask.extend_from_slice(&bits);
             }
             out.start.push(out.nbr.len());
         }
@@ -127,8 +140,9 @@ impl FixedNms {
         if cands.len() > MAX_NMS {
             return None;
         }
-        // stable, as metrics::nms sorts
-        cands.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
+        // metrics::nms's stable sort: equal confidences stay in (row, class)
+        // order, which is a total order, so an unstable sort on it is the same
+        cands.sort_unstable_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then((a.1, a.2).cmp(&(b.1, b.2))));
         let mut suppressed = vec![false; rows.nrows() * nc];
         let mut out = Vec::new();
         for &(conf, r, c) in &cands {
