@@ -25,6 +25,7 @@
 pub mod build;
 pub mod entry;
 pub mod shard;
+pub mod sparse;
 
 use std::path::{Path, PathBuf};
 

@@ -99,6 +99,12 @@ pub struct TrainArgs {
     /// YOLOv5's --freeze: layers 0..N-1 frozen (cached), N..23 and the head trained; N in 10..=24 [default: 24]
     #[arg(long)]
     pub freeze: Option<usize>,
+    /// Class-only training on the sparse cache (the head inputs at the loss's positives) with sparse validation [default with --train cls at --freeze 24]
+    #[arg(long, conflicts_with = "dense")]
+    pub sparse: bool,
+    /// The dense path (every feature map every epoch), also with --train cls
+    #[arg(long)]
+    pub dense: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -170,6 +176,8 @@ impl TrainArgs {
             ("--cache-dir", self.cache_dir.is_some()),
             ("--dtype", self.dtype.is_some()),
             ("--freeze", self.freeze.is_some()),
+            ("--sparse", self.sparse),
+            ("--dense", self.dense),
         ];
         given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect()
     }
@@ -284,6 +292,8 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
     if (train == TrainWhat::Cls || (lr_box == 0.0 && lr_obj == 0.0)) && lr_cls == 0.0 {
         eprintln!("note: every row's learning-rate multiplier is 0: the head does not change (the epochs only validate it)");
     }
+    let freeze = a.freeze.unwrap_or(freezesplit_head_only());
+    let sparse = train::sparse::resolve(train, freeze, a.sparse, a.dense)?;
     let model = Model::load(&weights)?;
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
     let project = a.project.clone().unwrap_or_else(|| PathBuf::from("runs/train"));
@@ -309,9 +319,10 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
         save_dir,
         cache_dir: a.cache_dir.clone().unwrap_or_else(default_cache_dir),
         dtype: a.dtype.unwrap_or(Dtype::F16),
-        freeze: a.freeze.unwrap_or(freezesplit_head_only()),
         add_classes: a.add_classes,
         pseudo_labels: !a.no_pseudo_labels,
+        freeze,
+        sparse,
         engine: a.engine.options(),
         progress: true,
     })

@@ -62,7 +62,7 @@ pub struct LossParts {
 
 /// Mean of BCEWithLogits(pos_weight), optionally wrapped in YOLOv5's FocalLoss.
 /// `target` is a plain array: targets never need gradients.
-fn bce_mean(t: &mut Tape, logits: Var, target: ndarray::ArrayD<f32>, pw: f32, gamma: f32) -> Var {
+pub(crate) fn bce_mean(t: &mut Tape, logits: Var, target: ndarray::ArrayD<f32>, pw: f32, gamma: f32) -> Var {
     let focal = (gamma > 0.0).then(|| {
         // alpha_factor = true*a + (1-true)*(1-a); p_t needs 1-true as well.
         let af = target.mapv(|y| y * FOCAL_ALPHA + (1.0 - y) * (1.0 - FOCAL_ALPHA));

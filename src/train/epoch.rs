@@ -37,9 +37,10 @@ pub fn train_epoch(run: &Run, st: &mut State, epoch: usize, opts: &TrainOptions)
         let at = run.schedule.at(epoch, i);
         let ni = (i + nb * epoch) as i64;
         let refs: Vec<&Sample> = chunk.iter().map(|&j| &run.train.samples[j]).collect();
-        let (l, g) = match &run.tail {
-            None => step(&st.params, load_batch(&refs, &run.shapes, opts.dtype)?, &run.cfg, &run.grids, &run.layout),
-            Some(tail) => {
+        let (l, g) = match (&run.sparse, &run.tail) {
+            (Some(sp), _) => super::sparse::step(&st.params, &sp.train, chunk, &run.cfg, &run.layout),
+            (None, None) => step(&st.params, load_batch(&refs, &run.shapes, opts.dtype)?, &run.cfg, &run.grids, &run.layout),
+            (None, Some(tail)) => {
                 let targets = super::batches::targets_of(&refs);
                 super::tail::step(&st.params, super::tail::load_dense(&refs, &run.shapes, opts.dtype)?, targets.view(), refs.len(), &run.cfg, &run.grids, &run.layout, tail)
             }
@@ -120,6 +121,10 @@ fn progress_bar(opts: &TrainOptions, nb: usize, epoch: usize) -> ProgressBar {
 pub fn evaluate(run: &Run, head: &Head, values: &Tensors) -> Result<([f64; 4], [f32; 3])> {
     if run.val_items.is_empty() {
         return Ok(([0.0; 4], [f32::NAN; 3]));
+    }
+    if let Some(sp) = &run.sparse {
+        let s = sp.val_cands.validate(head, &run.val_opts).summary;
+        return Ok(([s.mp, s.mr, s.map50, s.map], super::sparse::mean_losses(head, &sp.val, run.val_opts.batch_size, &run.cfg)));
     }
     let items = run.val_items_for(values)?;
     let r = run.validate(head, &items)?;

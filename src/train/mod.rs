@@ -21,6 +21,7 @@ pub mod params;
 pub mod results;
 pub mod schedule;
 pub mod setup;
+pub mod sparse;
 pub mod state;
 pub mod tail;
 
@@ -84,6 +85,10 @@ pub struct TrainOptions {
     /// With `add_classes`: the input model's own detections as negatives.
     #[serde(default = "default_pseudo_labels")]
     pub pseudo_labels: bool,
+    /// Class-only training on the sparse cache and sparse validation
+    /// (`train::sparse`); runs made before it existed are dense.
+    #[serde(default)]
+    pub sparse: bool,
     #[serde(skip)]
     pub engine: EngineOptions,
     #[serde(skip)]

@@ -52,6 +52,8 @@ pub struct Run {
     pub tail: Option<super::tail::TailRun>,
     /// `--add-classes`: the dataset's classes among the extended model's.
     pub add_classes: Option<super::add_classes::AddClasses>,
+    /// The sparse data of `--train cls` (`--sparse`).
+    pub sparse: Option<super::sparse::SparseRun>,
 }
 
 impl Run {
@@ -135,6 +137,11 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
     let loss_hyp = opts.hyp.loss_hyp(opts.label_smoothing);
     // the head's class count: data.yaml's, or the extended model's with --add-classes
     let cfg = LossConfig::new(scale_hyp(&loss_hyp, head0.nc, head0.nl(), opts.imgsz), head0.nc, anchors_grid);
+    // class-only epochs on the positives alone (`train::sparse`)
+    let sparse = match opts.sparse {
+        true => Some(super::sparse::prepare_run(&cache, &train.samples, &val.samples, &val_items, &head0, &cfg, opts.dtype, &val_opts(opts))?),
+        false => None,
+    };
     let schedule = Schedule::new(&opts.hyp, opts.epochs, train.samples.len().div_ceil(opts.batch_size), opts.batch_size, opts.cos_lr);
 
     let mut source = HashMap::new();
@@ -160,7 +167,7 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
         val,
         val_items,
         // the losses are the trainer's own, with the run's hyp (`epoch::evaluate`)
-        val_opts: ValOptions { batch_size: opts.batch_size * 2, dtype: opts.dtype, losses: false, ..Default::default() },
+        val_opts: val_opts(opts),
         weight_decay: schedule.weight_decay(opts.hyp.weight_decay),
         schedule,
         cache_dir: cache.dir.clone(),
@@ -168,7 +175,14 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
         source: { let mut s = source; s.insert("freeze".into(), opts.freeze.to_string()); s },
         tail,
         add_classes: add,
+        sparse,
     })
+}
+
+/// The trainer's validation settings.
+fn val_opts(opts: &TrainOptions) -> ValOptions {
+    // the losses are the trainer's own, with the run's hyp (`epoch::evaluate`)
+    ValOptions { batch_size: opts.batch_size * 2, dtype: opts.dtype, losses: false, ..Default::default() }
 }
 
 /// The head to start from, refused if it holds non-finite values, and the

@@ -20,6 +20,8 @@ pub mod classes;
 pub mod full;
 pub mod loss;
 pub mod report;
+pub mod fixed_nms;
+pub mod sparse;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -236,7 +238,7 @@ pub fn postprocess(pred: ArrayView2<f32>, meta: &LetterboxMeta, conf_thres: f64,
 }
 
 /// val.py's `shapes[si][1]`: `((h / h0, w / w0), pad)`.
-fn ratio_pad(meta: &LetterboxMeta) -> ([f64; 2], [f64; 2]) {
+pub(crate) fn ratio_pad(meta: &LetterboxMeta) -> ([f64; 2], [f64; 2]) {
     let [h0, w0] = meta.shape0;
     let [h, w] = meta.resized;
     ([h as f64 / h0 as f64, w as f64 / w0 as f64], [meta.pad[0] as f64, meta.pad[1] as f64])

@@ -18,5 +18,6 @@ mod predict;
 mod tail;
 mod robust;
 mod shard;
+mod sparse;
 mod train;
 mod val;

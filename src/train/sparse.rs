@@ -1,0 +1,372 @@
+//! Class-only training on the sparse cache (`--train cls`, sparse by
+//! default; `--dense` keeps the dense path).
+//!
+//! In: a split's samples (their dense entries and letterboxed labels), the
+//! starting head and the loss configuration. Out: `SparseSplit`, the
+//! positives of every image in memory (from `cache::sparse`, built once per
+//! image from the dense entry when absent), and per batch the loss parts and
+//! the head's gradients (`step`), or the losses alone (`losses`).
+//!
+//! Why this is exact: build_targets' positives depend on the labels, anchors
+//! and grids only, never on predictions, and with the box and objectness rows
+//! frozen (row lr 0) the only part of ComputeLoss with a gradient is lcls,
+//! the BCE of the class logits at the positives. The box and objectness
+//! losses are constants of each image, stored with its positives (`Σ 1-CIoU`
+//! per positive and the objectness BCE summed over the cells), so the logged
+//! train and val losses are YOLOv5's batch losses, only summed in another
+//! order.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use half::f16;
+use ndarray::{Array2, ArrayD, IxDyn};
+use rayon::prelude::*;
+
+use super::batches::Sample;
+use super::params::{HeadLayout, ParamStore, Tensors};
+use crate::autograd::{Features, Tape, Var};
+use crate::cache::entry::Entry;
+use crate::cache::sparse::{self, SparseEntry, SparseHeader, SparseLevel};
+use crate::cache::{Dtype, FeatureCache};
+use crate::features::FeatSlice;
+use crate::head::Head;
+use crate::loss::{LossConfig, bbox_ciou, build_targets, smooth_bce};
+
+/// One level's positives of one image, classes applied.
+#[derive(Debug, Clone, Default)]
+pub struct Positives {
+    /// `[n, C]` as f32 (converted once from the stored f16).
+    pub feats: Vec<f32>,
+    pub anchor: Vec<u32>,
+    pub cls: Vec<u32>,
+    pub one_minus_iou: Vec<f32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SparseImage {
+    pub levels: Vec<Positives>,
+    pub obj_bce_sum: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SparseSplit {
+    pub images: Vec<SparseImage>,
+    pub channels: Vec<usize>,
+    /// Per level na·ny·nx.
+    pub cells: Vec<usize>,
+    /// Bytes of the split's sparse files.
+    pub bytes: usize,
+    /// Images whose sparse file this call wrote.
+    pub built: usize,
+}
+
+/// What the sparse key hashes besides the image and its boxes.
+fn key_context(head: &Head, cfg: &LossConfig, dtype: Dtype) -> Vec<u8> {
+    let mut c = Vec::new();
+    let h = &cfg.hyp;
+    for v in [h.anchor_t, h.obj_pw, h.fl_gamma, cfg.gr] {
+        c.extend_from_slice(&v.to_le_bytes());
+    }
+    c.extend_from_slice(dtype.name().as_bytes());
+    for (l, a) in cfg.anchors.iter().enumerate() {
+        a.iter().flatten().for_each(|v| c.extend_from_slice(&v.to_le_bytes()));
+        let no = head.no();
+        for r in (0..head.na() * no).filter(|r| r % no < 5) {
+            head.weights[l].row(r).iter().for_each(|v| c.extend_from_slice(&v.to_le_bytes()));
+            c.extend_from_slice(&head.biases[l][r].to_le_bytes());
+        }
+    }
+    c
+}
+
+/// The sparse data of `samples`: read from `cache` where there, else built
+/// from the dense entries and written. `head` supplies the frozen box and
+/// objectness rows.
+pub fn prepare(cache: &FeatureCache, samples: &[Sample], head: &Head, cfg: &LossConfig, dtype: Dtype) -> Result<SparseSplit> {
+    sparse::remove_orphans(cache);
+    let ctx = key_context(head, cfg, dtype);
+    let got: Vec<(SparseEntry, usize, bool)> = samples
+        .par_iter()
+        .map(|s| -> Result<(SparseEntry, usize, bool)> {
+            let image_key = s.entry.file_stem().and_then(|k| k.to_str()).context("a cache entry without a key")?;
+            let boxes: Vec<[f32; 4]> = s.targets.iter().map(|t| [t[1], t[2], t[3], t[4]]).collect();
+            let path = sparse::sparse_path(cache, &sparse::sparse_key(image_key, &boxes, &ctx));
+            if let Some(e) = sparse::read(&path) {
+                let n = sparse::encode(&e).len();
+                return Ok((e, n, false));
+            }
+            let dense = Entry::open_verified_before(&s.entry)?;
+            let e = build_entry(&dense, &s.targets, head, cfg);
+            let n = sparse::write(&path, &e)?;
+            Ok((e, n, true))
+        })
+        .collect::<Result<_>>()?;
+    let mut out = SparseSplit::default();
+    for ((e, n, built), s) in got.into_iter().zip(samples) {
+        out.bytes += n;
+        out.built += built as usize;
+        if out.channels.is_empty() {
+            out.channels = e.header.channels.clone();
+            out.cells = e.header.cells.clone();
+        }
+        let levels = e
+            .levels
+            .into_iter()
+            .map(|l| Positives {
+                feats: l.feats.iter().map(|v| v.to_f32()).collect(),
+                cls: l.target.iter().map(|&t| s.targets[t as usize][0] as u32).collect(),
+                anchor: l.anchor,
+                one_minus_iou: l.one_minus_iou,
+            })
+            .collect();
+        out.images.push(SparseImage { levels, obj_bce_sum: e.header.obj_bce_sum });
+    }
+    Ok(out)
+}
+
+/// torch's BCEWithLogits(pos_weight) of one element, times YOLOv5's focal
+/// factor when `gamma > 0`.
+fn bce(x: f64, y: f64, pw: f64, gamma: f64) -> f64 {
+    let l = (1.0 - y) * x + (1.0 + (pw - 1.0) * y) * ((-x.abs()).exp().ln_1p() + (-x).max(0.0));
+    if gamma <= 0.0 {
+        return l;
+    }
+    let p = 1.0 / (1.0 + (-x).exp());
+    let p_t = y * p + (1.0 - y) * (1.0 - p);
+    let af = y * 0.25 + (1.0 - y) * 0.75;
+    l * af * (1.0 - p_t).powf(gamma)
+}
+
+/// One image's sparse entry from its dense entry and letterboxed targets
+/// `[class, x, y, w, h]`.
+pub fn build_entry(e: &Entry, targets: &[[f32; 5]], head: &Head, cfg: &LossConfig) -> SparseEntry {
+    let (na, no) = (head.na(), head.no());
+    let grids: Vec<(usize, usize)> = e.header.shapes.iter().map(|s| (s[1], s[2])).collect();
+    // the label row stands in for the class: positives do not depend on it
+    let t6 = Array2::from_shape_fn((targets.len(), 6), |(r, k)| match k {
+        0 => 0.0,
+        1 => r as f32,
+        _ => targets[r][k - 1],
+    });
+    let tg = build_targets(t6.view(), &cfg.anchors, &grids, cfg.hyp.anchor_t);
+    let mut header = SparseHeader { letterbox: e.header.letterbox, channels: vec![], counts: vec![], obj_bce_sum: vec![], cells: vec![] };
+    let mut levels = Vec::new();
+    for (l, lt) in tg.iter().enumerate() {
+        let [c, ny, nx] = e.header.shapes[l];
+        let sp = ny * nx;
+        let x16: Vec<f16> = match e.level_raw(l) {
+            FeatSlice::F16(x) => x.to_vec(),
+            FeatSlice::F32(x) => x.iter().map(|&v| f16::from_f32(v)).collect(),
+        };
+        let n = lt.len();
+        let mut lvl = SparseLevel { feats: Vec::with_capacity(n * c), anchor: lt.a.iter().map(|&a| a as u32).collect(), target: lt.tcls.iter().map(|&t| t as u32).collect(), one_minus_iou: vec![] };
+        let mut pbox = Array2::<f32>::zeros((n, 4));
+        for k in 0..n {
+            let p = lt.gj[k] * nx + lt.gi[k];
+            let col: Vec<f16> = (0..c).map(|ch| x16[ch * sp + p]).collect();
+            for j in 0..4 {
+                let r = lt.a[k] * no + j;
+                pbox[[k, j]] = head.biases[l][r] + head.weights[l].row(r).iter().zip(&col).map(|(w, v)| w * v.to_f32()).sum::<f32>();
+            }
+            lvl.feats.extend(col);
+        }
+        let iou = ciou(&pbox, lt);
+        lvl.one_minus_iou = iou.iter().map(|v| 1.0 - v).collect();
+        // objectness targets: the last duplicate in build_targets order wins
+        let mut tobj = vec![0f32; na * sp];
+        for (k, &v) in iou.iter().enumerate() {
+            let v = v.max(0.0);
+            tobj[lt.a[k] * sp + lt.gj[k] * nx + lt.gi[k]] = if cfg.gr < 1.0 { (1.0 - cfg.gr) + cfg.gr * v } else { v };
+        }
+        let x32 = Array2::from_shape_vec((c, sp), x16.iter().map(|v| v.to_f32()).collect()).expect("[C, H*W]");
+        let wobj = Array2::from_shape_fn((na, c), |(a, ch)| head.weights[l][[a * no + 4, ch]]);
+        let z = wobj.dot(&x32);
+        let (pw, gamma) = (cfg.hyp.obj_pw as f64, cfg.hyp.fl_gamma as f64);
+        let sum = (0..na).map(|a| (0..sp).map(|p| bce((z[[a, p]] + head.biases[l][a * no + 4]) as f64, tobj[a * sp + p] as f64, pw, gamma)).sum::<f64>()).sum();
+        header.channels.push(c);
+        header.counts.push(n);
+        header.obj_bce_sum.push(sum);
+        header.cells.push(na * sp);
+        levels.push(lvl);
+    }
+    SparseEntry { header, levels }
+}
+
+/// CIoU of the box logits `[n, 4]` at a level's positives, as ComputeLoss
+/// computes it.
+fn ciou(pbox: &Array2<f32>, lt: &crate::loss::LevelTargets) -> Vec<f32> {
+    let n = lt.len();
+    if n == 0 {
+        return vec![];
+    }
+    let mut t = Tape::new();
+    let ps = t.constant(pbox.clone().into_dyn());
+    let pxy = t.slice_cols(ps, 0, 2);
+    let pxy = t.sigmoid(pxy);
+    let pxy = t.mul_scalar(pxy, 2.0);
+    let pxy = t.add_scalar(pxy, -0.5);
+    let pwh = t.slice_cols(ps, 2, 4);
+    let pwh = t.sigmoid(pwh);
+    let pwh = t.mul_scalar(pwh, 2.0);
+    let pwh = t.pow(pwh, 2.0);
+    let anch = t.constant(Array2::from_shape_fn((n, 2), |(k, d)| lt.anch[k][d]).into_dyn());
+    let pwh = t.mul(pwh, anch);
+    let tbox = t.constant(Array2::from_shape_fn((n, 4), |(k, d)| lt.tbox[k][d]).into_dyn());
+    let iou = bbox_ciou(&mut t, pxy, pwh, tbox);
+    t.value(iou).iter().copied().collect()
+}
+
+/// `[lbox, lobj]` of the images `idx` as one batch, hyp gains applied.
+fn constant_losses(cfg: &LossConfig, split: &SparseSplit, idx: &[usize]) -> [f32; 2] {
+    let (mut lbox, mut lobj) = (0f64, 0f64);
+    for l in 0..split.cells.len() {
+        let n: usize = idx.iter().map(|&i| split.images[i].levels[l].anchor.len()).sum();
+        if n > 0 {
+            lbox += idx.iter().map(|&i| split.images[i].levels[l].one_minus_iou.iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() / n as f64;
+        }
+        let obj: f64 = idx.iter().map(|&i| split.images[i].obj_bce_sum[l]).sum();
+        lobj += cfg.balance[l] as f64 * obj / (idx.len() * split.cells[l]) as f64;
+    }
+    [(lbox * cfg.hyp.box_ as f64) as f32, (lobj * cfg.hyp.obj as f64) as f32]
+}
+
+/// ComputeLoss's lcls (before the cls gain) of the images `idx` on the tape,
+/// None without positives or with one class.
+fn class_loss(t: &mut Tape, cfg: &LossConfig, split: &SparseSplit, idx: &[usize], w: &[Var], b: &[Var]) -> Option<Var> {
+    let (na, no, nc) = (cfg.na(), cfg.no(), cfg.nc);
+    if nc < 2 {
+        return None;
+    }
+    let (cp, cn) = smooth_bce(cfg.hyp.label_smoothing);
+    let mut lcls: Option<Var> = None;
+    for (l, &c) in split.channels.iter().enumerate() {
+        let pos: Vec<&Positives> = idx.iter().map(|&i| &split.images[i].levels[l]).collect();
+        let n: usize = pos.iter().map(|p| p.anchor.len()).sum();
+        if n == 0 {
+            continue;
+        }
+        // [1, C, n]: the positives as the columns of one image
+        let mut x = vec![0f32; c * n];
+        let (mut k, mut picks, mut tc) = (0, Vec::with_capacity(n), Array2::<f32>::from_elem((n, nc), cn));
+        for p in &pos {
+            for j in 0..p.anchor.len() {
+                for (ch, v) in p.feats[j * c..(j + 1) * c].iter().enumerate() {
+                    x[ch * n + k] = *v;
+                }
+                picks.push((0u32, k as u32, p.anchor[j]));
+                tc[[k, p.cls[j] as usize]] = cp;
+                k += 1;
+            }
+        }
+        let f = t.features(Features::from_array(ArrayD::from_shape_vec(IxDyn(&[1, c, n]), x).expect("[1, C, n]")));
+        let ps = t.conv1x1_at(f, w[l], b[l], &picks, na);
+        let pcls = t.slice_cols(ps, 5, no);
+        let lc = crate::loss::compute::bce_mean(t, pcls, tc.into_dyn(), cfg.hyp.cls_pw, cfg.hyp.fl_gamma);
+        lcls = Some(match lcls {
+            Some(s) => t.add(s, lc),
+            None => lc,
+        });
+    }
+    lcls
+}
+
+/// Loss parts `[box, obj, cls]` (not × bs) of the images `idx` as one batch
+/// and the gradient of each head parameter by name (zero but for the class
+/// rows).
+pub fn step(params: &ParamStore, split: &SparseSplit, idx: &[usize], cfg: &LossConfig, layout: &HeadLayout) -> ([f32; 3], Tensors) {
+    let mut t = Tape::new();
+    let mut vars = BTreeMap::new();
+    for name in layout.weights.iter().chain(&layout.biases) {
+        let p = params.get(name).expect("the head's parameters are in the store");
+        vars.insert(name.clone(), t.param(p.value.clone()));
+    }
+    let w: Vec<Var> = layout.weights.iter().map(|n| vars[n]).collect();
+    let b: Vec<Var> = layout.biases.iter().map(|n| vars[n]).collect();
+    let [lbox, lobj] = constant_losses(cfg, split, idx);
+    let Some(lcls) = class_loss(&mut t, cfg, split, idx, &w, &b) else {
+        let grads = vars.into_iter().map(|(n, v)| (n, ArrayD::zeros(t.value(v).raw_dim()))).collect();
+        return ([lbox, lobj, 0.0], grads);
+    };
+    let lcls = t.mul_scalar(lcls, cfg.hyp.cls);
+    // train.py's loss is × bs; the constant parts add no gradient
+    let total = t.mul_scalar(lcls, idx.len() as f32);
+    let losses = [lbox, lobj, t.scalar(lcls)];
+    let mut g = t.backward(total);
+    let grads = vars.into_iter().map(|(n, v)| (n, g.take(v).unwrap_or_else(|| ArrayD::zeros(t.value(v).raw_dim())))).collect();
+    (losses, grads)
+}
+
+/// Loss parts `[box, obj, cls]` of `head` on the images `idx` as one batch.
+pub fn losses(head: &Head, split: &SparseSplit, idx: &[usize], cfg: &LossConfig) -> [f32; 3] {
+    let mut t = Tape::new();
+    let w: Vec<Var> = head.weights.iter().map(|w| t.constant(w.clone().into_dyn())).collect();
+    let b: Vec<Var> = head.biases.iter().map(|b| t.constant(b.clone().into_dyn())).collect();
+    let [lbox, lobj] = constant_losses(cfg, split, idx);
+    let lcls = class_loss(&mut t, cfg, split, idx, &w, &b).map_or(0.0, |v| t.scalar(v) * cfg.hyp.cls);
+    [lbox, lobj, lcls]
+}
+
+/// Mean per-batch val losses of `head` in batches of `bs` images, as
+/// `epoch::evaluate` computes them densely.
+pub fn mean_losses(head: &Head, split: &SparseSplit, bs: usize, cfg: &LossConfig) -> [f32; 3] {
+    let idx: Vec<usize> = (0..split.images.len()).collect();
+    let mut sum = [0f64; 3];
+    let chunks: Vec<&[usize]> = idx.chunks(bs.max(1)).collect();
+    for c in &chunks {
+        let l = losses(head, split, c, cfg);
+        for k in 0..3 {
+            sum[k] += l[k] as f64;
+        }
+    }
+    sum.map(|v| (v / chunks.len().max(1) as f64) as f32)
+}
+
+/// Whether a run is sparse: `--sparse` / `--dense` as given, else sparse
+/// exactly for `--train cls` at `--freeze 24`. Refused with a sentence where
+/// sparse cannot apply. Also what `--add-classes` calls for its default.
+pub fn resolve(train: super::TrainWhat, freeze: usize, sparse: bool, dense: bool) -> Result<bool> {
+    use super::TrainWhat;
+    if sparse && dense {
+        anyhow::bail!("--sparse and --dense exclude each other; give one of them");
+    }
+    if sparse && train != TrainWhat::Cls {
+        anyhow::bail!("--sparse trains the class rows only: add --train cls, or drop --sparse to train the whole head densely");
+    }
+    if sparse && freeze != crate::graph::cut::HEAD_ONLY {
+        anyhow::bail!("--sparse reads the head inputs of the --freeze 24 cache; with --freeze {freeze} drop --sparse (the dense path runs)");
+    }
+    Ok(!dense && (sparse || (train == TrainWhat::Cls && freeze == crate::graph::cut::HEAD_ONLY)))
+}
+
+/// Everything the sparse epochs read: the positives of both splits and the
+/// val candidates.
+pub struct SparseRun {
+    pub train: SparseSplit,
+    pub val: SparseSplit,
+    pub val_cands: crate::val::sparse::SparseVal,
+}
+
+/// Builds (or reads) the sparse data of a run and says what it holds.
+pub fn prepare_run(cache: &FeatureCache, train: &[Sample], val: &[Sample], val_items: &[crate::val::ValItem], head: &Head, cfg: &LossConfig, dtype: Dtype, val_opts: &crate::val::ValOptions) -> Result<SparseRun> {
+    let start = std::time::Instant::now();
+    let tr = prepare(cache, train, head, cfg, dtype)?;
+    let va = prepare(cache, val, head, cfg, dtype)?;
+    let val_cands = crate::val::sparse::SparseVal::build(head, val_items, val_opts)?;
+    let dense: u64 = train.iter().filter_map(|s| std::fs::metadata(&s.entry).ok()).map(|m| m.len()).sum();
+    let npos: usize = tr.images.iter().flat_map(|i| &i.levels).map(|l| l.anchor.len()).sum();
+    eprintln!(
+        "sparse: train {} positives in {} bytes (dense entries {} bytes, 1/{:.0}; {} of {} images built now), val {} bytes of positives and {} candidate rows in {} bytes ({:.2}s)",
+        npos,
+        tr.bytes,
+        dense,
+        dense as f64 / tr.bytes.max(1) as f64,
+        tr.built,
+        train.len(),
+        va.bytes,
+        val_cands.candidates(),
+        val_cands.bytes(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(SparseRun { train: tr, val: va, val_cands })
+}

@@ -1,0 +1,150 @@
+//! The sparse path of `--train cls` (train::sparse, val::sparse,
+//! cache::sparse) against the dense path on the project's 3-class test model:
+//! the same head after 3 epochs with the same seed, the same metrics from
+//! sparse validation as from dense validation of the same head, and a sparse
+//! cache that rebuilds nothing when class ids change and only the changed
+//! image when a box moves.
+
+use crate::common;
+use crate::train::{dataset, ok, train};
+
+use std::path::Path;
+
+use freezesplit::cache::FeatureCache;
+use freezesplit::cache::build;
+use freezesplit::engine::{Engine, EngineChoice, EngineOptions};
+use freezesplit::graph::Model;
+use freezesplit::head::Head;
+use freezesplit::val::{ValOptions, cached_items, validate_items};
+
+const MODEL: &str = "models/tiny-256-nc3-stripped.onnx";
+
+fn last_head(dir: &Path, name: &str) -> Head {
+    Head::load(&dir.join("runs").join(name).join("weights/last")).unwrap()
+}
+
+fn max_diff(a: &Head, b: &Head) -> f32 {
+    let w = a.weights.iter().zip(&b.weights).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()));
+    let bi = a.biases.iter().zip(&b.biases).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()));
+    w.chain(bi).fold(0f32, f32::max)
+}
+
+fn csv(dir: &Path, name: &str) -> Vec<Vec<f64>> {
+    let text = std::fs::read_to_string(dir.join("runs").join(name).join("results.csv")).unwrap();
+    text.lines().skip(1).map(|l| l.split(',').map(|v| v.trim().parse().unwrap()).collect()).collect()
+}
+
+#[test]
+fn sparse_class_only_training_gives_the_dense_head_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dataset(dir.path(), &["circle", "square", "triangle"]);
+    let dense = train(dir.path(), &yaml, "dense", &["--train", "cls", "--dense"]);
+    ok(&dense);
+    assert!(!String::from_utf8_lossy(&dense.stderr).contains("sparse:"));
+    let sparse = train(dir.path(), &yaml, "sparse", &["--train", "cls"]);
+    ok(&sparse);
+    let err = String::from_utf8_lossy(&sparse.stderr);
+    assert!(err.contains("sparse: train") && err.contains("8 of 8 images built now"), "{err}");
+
+    let (hd, hs) = (last_head(dir.path(), "dense"), last_head(dir.path(), "sparse"));
+    let d = max_diff(&hd, &hs);
+    assert!(d <= 1e-5, "sparse and dense heads differ by {d} after 3 epochs");
+    // the class rows did move: the comparison is not of two untouched heads
+    let start = Head::from_model(&Model::load(&common::root().join(MODEL)).unwrap()).unwrap();
+    assert!(max_diff(&start, &hs) > 1e-4);
+
+    // epoch, train box/obj/cls, P R mAP50 mAP50-95, val box/obj/cls, lrs
+    let (rd, rs) = (csv(dir.path(), "dense"), csv(dir.path(), "sparse"));
+    assert_eq!(rd.len(), 3);
+    for (a, b) in rd.iter().zip(&rs) {
+        for k in 1..11 {
+            let tol = if (4..8).contains(&k) { 1e-6 } else { 1e-4 * a[k].abs().max(1e-3) };
+            assert!((a[k] - b[k]).abs() <= tol, "results.csv column {k}: dense {} sparse {}", a[k], b[k]);
+        }
+    }
+}
+
+#[test]
+fn the_sparse_cache_rebuilds_only_what_changed_in_the_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dataset(dir.path(), &["circle", "square", "triangle"]);
+    let built = |name: &str| {
+        let out = train(dir.path(), &yaml, name, &["--train", "cls"]);
+        ok(&out);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        let line = err.lines().find(|l| l.starts_with("sparse: train")).unwrap_or_else(|| panic!("no sparse line: {err}")).to_string();
+        line.split(" of 8 images built now").next().unwrap().rsplit('(').next().unwrap().split(' ').next_back().unwrap().parse::<usize>().unwrap()
+    };
+    assert_eq!(built("a"), 8);
+    assert_eq!(built("b"), 0);
+    // other class ids, same boxes: nothing to rebuild
+    let labels = dir.path().join("labels/train");
+    for i in 0..8 {
+        let p = labels.join(format!("im{i}.txt"));
+        let text = std::fs::read_to_string(&p).unwrap();
+        let swapped: String = text.lines().map(|l| if l.starts_with('9') { format!("{l}\n") } else { format!("{}{}\n", (l[..1].parse::<usize>().unwrap() + 1) % 3, &l[1..]) }).collect();
+        std::fs::write(&p, swapped).unwrap();
+    }
+    assert_eq!(built("c"), 0);
+    // one box moved: one image rebuilt
+    let p = labels.join("im3.txt");
+    let text = std::fs::read_to_string(&p).unwrap().replacen("0.3 0.4", "0.31 0.4", 1);
+    std::fs::write(&p, text).unwrap();
+    assert_eq!(built("d"), 1);
+}
+
+#[test]
+fn sparse_validation_equals_dense_validation_of_the_same_head() {
+    let dir = tempfile::tempdir().unwrap();
+    // the demo model detects its synthetic shapes: metrics that are not all zero
+    let yaml = freezesplit::demo::synth::colour_dataset(dir.path(), 1, 12, 3).unwrap();
+    let model = Model::load(&freezesplit::demo::demo_model()).unwrap();
+    let images = freezesplit::data::Dataset::load(&yaml).unwrap().labelled_images("val").unwrap();
+    let imgsz = model.spec.imgsz.map_or(256, |s| s[0]);
+    let (cache, frozen) = FeatureCache::open(&dir.path().join("cache"), &model, imgsz).unwrap();
+    let eopts = EngineOptions { engine: EngineChoice::Tract, threads: 2, ..Default::default() };
+    let mut engines = Engine::for_fill(&model.path, &frozen, imgsz, &eopts).unwrap();
+    build::fill(&cache, &mut engines, &images, &build::FillOptions { batch_size: 2, dtype: freezesplit::cache::Dtype::F16, progress: false }).unwrap();
+    let opts = ValOptions { losses: false, ..Default::default() };
+    let (items, skipped) = cached_items(&cache, &images, opts.dtype);
+    assert!(skipped.is_empty() && items.len() == 12);
+
+    let head0 = Head::from_model(&model).unwrap();
+    let sv = freezesplit::val::sparse::SparseVal::build(&head0, &items, &opts).unwrap();
+    assert!(sv.candidates() > 0);
+    // class rows moved as training moves them; box and objectness rows kept
+    let mut head = head0.clone();
+    let no = head.no();
+    for (l, (w, b)) in head.weights.iter_mut().zip(head.biases.iter_mut()).enumerate() {
+        for r in (0..w.nrows()).filter(|r| r % no >= 5) {
+            w.row_mut(r).iter_mut().enumerate().for_each(|(c, v)| *v += 0.05 * (((r * 7 + c * 3 + l) % 11) as f32 - 5.0) / 5.0);
+            b[r] += 0.3 * ((r % 3) as f32 - 1.0);
+        }
+    }
+    let mut maps = Vec::new();
+    for h in [&head0, &head] {
+        let d = validate_items(h, &items, &opts).unwrap().summary;
+        let s = sv.validate(h, &opts).summary;
+        for (what, x, y) in [("P", d.mp, s.mp), ("R", d.mr, s.mr), ("mAP50", d.map50, s.map50), ("mAP50-95", d.map, s.map), ("class-agnostic mAP50", d.agnostic_map50, s.agnostic_map50), ("class accuracy", d.class_accuracy.accuracy, s.class_accuracy.accuracy)] {
+            assert!((x - y).abs() <= 1e-6, "{what}: dense {x} sparse {y}");
+        }
+        maps.push(d.map);
+        assert_eq!(d.seen, s.seen);
+        assert_eq!(d.class_accuracy.matched, s.class_accuracy.matched);
+        assert_eq!(d.per_class.len(), s.per_class.len());
+    }
+    // the class rows decide the metrics here, so the comparison is not empty
+    assert!(maps[0] > 0.05 && (maps[0] - maps[1]).abs() > 1e-3, "mAP50-95 of the two heads: {maps:?}");
+}
+
+#[test]
+fn sparse_and_dense_flags_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dataset(dir.path(), &["circle", "square", "triangle"]);
+    let out = train(dir.path(), &yaml, "x", &["--sparse"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--sparse trains the class rows only"), "{err}");
+    let out = train(dir.path(), &yaml, "y", &["--train", "cls", "--sparse", "--dense"]);
+    assert!(!out.status.success());
+}
