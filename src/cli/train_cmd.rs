@@ -294,13 +294,8 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
         save_dir,
         cache_dir: a.cache_dir.clone().unwrap_or_else(default_cache_dir),
         dtype: a.dtype.unwrap_or(Dtype::F16),
-        freeze: a.freeze.unwrap_or(freezesplit_head_only()),
+        freeze: a.freeze.unwrap_or_else(train::default_freeze),
         engine: a.engine.options(),
         progress: true,
     })
-}
-
-
-fn freezesplit_head_only() -> usize {
-    crate::graph::cut::HEAD_ONLY
 }

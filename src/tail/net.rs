@@ -181,7 +181,6 @@ impl TailNet {
                 bail!("the tail after --freeze {} does not compute the head input `{h}`", cut.freeze);
             }
         }
-        // Only what the head reads: drop steps whose outputs nobody uses.
         Ok(TailNet { steps, crossing: cut.crossing.iter().map(|c| c.name.clone()).collect(), head_inputs: cut.head_inputs.clone(), params })
     }
 
