@@ -105,7 +105,7 @@ fn main() {
             let p = head_forward(&mut t, &fv, &wv, &bv, bs, &grids, na);
             compute_loss(&mut t, &cfg, &p, &grids, bs, targets.view())
         } else {
-            let fv: Vec<_> = fcopies.into_iter().map(|f| t.features(f.unwrap())).collect();
+            let fv: Vec<_> = fcopies.into_iter().map(|f| t.input(f.unwrap())).collect();
             compute_loss_on_features(&mut t, &cfg, &fv, &wv, &bv, &grids, bs, targets.view())
         };
         let t2 = Instant::now();

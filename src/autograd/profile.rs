@@ -34,16 +34,12 @@ pub fn family(op: &Op) -> String {
         Op::Param => "Param",
         Op::Const => "Const",
         Op::MatMul(..) => "MatMul",
-        Op::LinearGrouped { .. } => "LinearGrouped",
-        Op::Conv1x1Channels { .. } => "Conv1x1Channels",
-        Op::Conv1x1At { .. } => "Conv1x1At",
         Op::Conv2d { spec, .. } => return format!("Conv2d k{}s{}", spec.kernel[0], spec.strides[0]),
         Op::ConvTranspose2d { .. } => "ConvTranspose2d",
-        Op::HeadRows { .. } => "HeadRows",
         Op::MaxPool2d { .. } => "MaxPool2d",
         Op::ResizeNearest { .. } => "ResizeNearest",
         Op::BceWithLogits { .. } => "BceWithLogits",
-        Op::ObjBce { .. } => "ObjBce",
+        Op::Ext(op) => op.name(),
     };
     s.to_string()
 }

@@ -1,29 +1,53 @@
-// Tape (Wengert list) for reverse-mode autodiff over f32 `ArrayD`s.
-// In: leaves (parameters that need grads, constants that never do) and ops
-// recorded by the op-family files. Out: `backward(loss)` -> `Grads`, one
-// gradient per parameter leaf that the loss depends on.
+// Tape (Wengert list) for reverse-mode autodiff.
+// In: leaves (parameters that need grads, constants that never do, and cached
+// feature maps kept as stored, see `Value`) and ops recorded by the op-family
+// files. Out: `backward(loss)` -> `Grads`, one gradient per parameter leaf
+// that the loss depends on.
 //
 // Ops are whole-array operations; each op family lives in its own file and
 // provides a forward (a `Tape` method) and a backward function that this file
-// dispatches to through the `Op` enum. Backward functions push gradients into
-// a `GradAcc`, which drops those for constants and lets scatter-type ops add
-// into a parent's buffer instead of building a full-size temporary.
+// dispatches to through the `Op` enum. The enum holds only generic ops; a
+// special-cased fused op (autograd::fused) implements `FusedOp` and is
+// recorded with `push_ext`, so adding one needs no change here. Backward
+// functions push gradients into a `GradAcc`, which drops those for constants
+// and lets scatter-type ops add into a parent's buffer instead of building a
+// full-size temporary.
+
+use std::any::Any;
 
 use ndarray::ArrayD;
 
-use super::{binary, conv, conv1x1, head_rows, loss_ops, matmul, obj_bce, pool, profile, reduce, resize, shape, unary};
+use super::{binary, conv, loss_ops, matmul, pool, profile, reduce, resize, shape, unary};
+use crate::features::Features;
 use crate::tail::ops::{ConvSpec, ConvTransposeSpec};
 
 /// Index of a value on the tape. Only meaningful for the tape that made it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Var(pub usize);
 
-/// Index of a batch of frozen features on the tape (see `features::Features`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Feat(pub usize);
+/// An op recorded through the extension point: a fast special case (e.g. the
+/// YOLOv5 head's loss read straight from cached f16 maps) that the generic
+/// ops could express only at several times the cost. The op keeps its input
+/// `Var`s and whatever its backward needs; its forward is a `Tape` method that
+/// computes the value and calls `Tape::push_ext`. (candle's `CustomOp1/2/3`
+/// play the same part.)
+pub trait FusedOp: Any + Send + Sync {
+    /// The family the profiler files its time under (autograd::profile).
+    fn name(&self) -> &'static str;
+    /// Push d(loss)/d(input) for each input into `acc`, given `g` =
+    /// d(loss)/d(this op's value). Check `acc.wants(v)` before computing an
+    /// input's gradient: constants (and feature maps) never want one.
+    fn backward(&self, tape: &Tape, g: ArrayD<f32>, acc: &mut GradAcc);
+}
+
+impl std::fmt::Debug for dyn FusedOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// How a node was produced; holds what its backward needs besides values.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub enum Op {
     Param,
     Const,
@@ -32,26 +56,6 @@ pub enum Op {
     Reduce(reduce::ReduceOp, Var),
     Shape(shape::ShapeOp),
     MatMul(Var, Var),
-    LinearGrouped {
-        x: Var,
-        w: Var,
-        b: Var,
-        bs: usize,
-        groups: usize,
-    },
-    Conv1x1Channels {
-        x: Feat,
-        w: Var,
-        b: Var,
-        chans: Vec<usize>,
-    },
-    Conv1x1At {
-        x: Feat,
-        w: Var,
-        b: Var,
-        picks: Vec<conv1x1::Pick>,
-        groups: usize,
-    },
     /// ONNX Conv / ConvTranspose on NCHW maps (autograd::conv).
     Conv2d {
         x: Var,
@@ -64,13 +68,6 @@ pub enum Op {
         w: Var,
         b: Option<Var>,
         spec: ConvTransposeSpec,
-    },
-    /// The head's 1x1 conv into p rows (autograd::head_rows).
-    HeadRows {
-        x: Var,
-        w: Var,
-        b: Var,
-        na: usize,
     },
     /// ONNX MaxPool; `argmax[i]` is output i's winning cell in its input
     /// plane (u32::MAX: none).
@@ -89,19 +86,33 @@ pub enum Op {
         targets: Var,
         pos_weight: f32,
     },
-    /// The fused objectness loss; `dw` `[k, cin]` and `db` `[k]` are
-    /// d(loss)/d(w rows `chans`, b[chans]), computed in the forward.
-    ObjBce {
-        w: Var,
-        b: Var,
-        chans: Vec<usize>,
-        dw: Vec<f32>,
-        db: Vec<f32>,
-    },
+    /// A fused op (see `FusedOp`).
+    Ext(Box<dyn FusedOp>),
+}
+
+/// A node's value. Every op result and ordinary leaf is an f32 array; a
+/// cached feature map (`Tape::input`) stays as the cache stores it, f16 and
+/// usually lent from a memory-mapped entry, because expanding a batch's maps
+/// to f32 costs as much as the head's own arithmetic on them. Only the ops
+/// that read `Features` (autograd::fused) take such a leaf; `Tape::value` on
+/// it panics with a message naming `Tape::map_to_f32`, the explicit copy.
+pub enum Value {
+    F32(ArrayD<f32>),
+    /// The map and its `[B, C, H, W]` shape.
+    Map(Features, [usize; 4]),
+}
+
+impl Value {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Value::F32(a) => a.shape(),
+            Value::Map(_, s) => s,
+        }
+    }
 }
 
 pub struct Node {
-    pub value: ArrayD<f32>,
+    pub value: Value,
     pub op: Op,
     // True when some parameter is upstream; nodes without it are never
     // given a gradient buffer and their backward is skipped.
@@ -111,8 +122,6 @@ pub struct Node {
 #[derive(Default)]
 pub struct Tape {
     pub nodes: Vec<Node>,
-    /// Inputs of the conv1x1 ops, kept apart from the values: never differentiated.
-    pub features: Vec<crate::features::Features>,
     /// When the previous node was pushed (only while profiling).
     last_push: Option<std::time::Instant>,
 }
@@ -167,8 +176,41 @@ impl Tape {
         self.constant(value)
     }
 
+    /// The f32 value of `v`; panics on a feature map (see `Value`).
     pub fn value(&self, v: Var) -> &ArrayD<f32> {
-        &self.nodes[v.0].value
+        match &self.nodes[v.0].value {
+            Value::F32(a) => a,
+            Value::Map(_, s) => panic!(
+                "Tape::value: var {} is a cached feature map {s:?} kept as stored (f16); the op reading it must take Features (Tape::map), or copy it to f32 first with Tape::map_to_f32",
+                v.0
+            ),
+        }
+    }
+
+    /// The shape of `v`, an array or a feature map.
+    pub fn shape(&self, v: Var) -> &[usize] {
+        self.nodes[v.0].value.shape()
+    }
+
+    /// A cached feature map as a leaf without gradient, `[B, C, H, W]`.
+    pub fn input(&mut self, f: Features) -> Var {
+        let shape = f.shape();
+        self.push_node(Value::Map(f, shape), Op::Const, false)
+    }
+
+    /// The map of a leaf made by `input`; panics on any other var.
+    pub fn map(&self, v: Var) -> &Features {
+        match &self.nodes[v.0].value {
+            Value::Map(f, _) => f,
+            Value::F32(a) => panic!("Tape::map: var {} is an f32 array {:?}, not a feature map from Tape::input", v.0, a.shape()),
+        }
+    }
+
+    /// An f32 copy of a feature map, `[B, C, H, W]`, as a new constant: for
+    /// the generic ops, at the cost `Value` explains.
+    pub fn map_to_f32(&mut self, v: Var) -> Var {
+        let a = self.map(v).to_array();
+        self.constant(a)
     }
 
     pub fn requires_grad(&self, v: Var) -> bool {
@@ -183,6 +225,10 @@ impl Tape {
     }
 
     pub(crate) fn push_raw(&mut self, value: ArrayD<f32>, op: Op, requires_grad: bool) -> Var {
+        self.push_node(Value::F32(value), op, requires_grad)
+    }
+
+    fn push_node(&mut self, value: Value, op: Op, requires_grad: bool) -> Var {
         if profile::enabled() {
             if let Some(t0) = self.last_push {
                 profile::forward(&op, t0);
@@ -203,6 +249,20 @@ impl Tape {
         self.push_raw(value, op, rg)
     }
 
+    /// Record a fused op's result (the extension point, see `FusedOp`);
+    /// `inputs` are the vars its value depends on.
+    pub fn push_ext(&mut self, value: ArrayD<f32>, op: impl FusedOp, inputs: &[Var]) -> Var {
+        self.push_op(value, Op::Ext(Box::new(op)), inputs)
+    }
+
+    /// The fused op that made `v`, if it is one of type `T` (for tests and tools).
+    pub fn ext_op<T: FusedOp>(&self, v: Var) -> Option<&T> {
+        match &self.nodes[v.0].op {
+            Op::Ext(op) => (op.as_ref() as &dyn Any).downcast_ref::<T>(),
+            _ => None,
+        }
+    }
+
     /// Reverse sweep from `loss` (seeded with ones, so a non-scalar loss means
     /// d(sum(loss))). Intermediate gradients are dropped as soon as they are
     /// propagated; only parameter leaves keep theirs.
@@ -218,7 +278,7 @@ impl Tape {
         if !self.nodes[loss.0].requires_grad {
             return Grads { grads: out };
         }
-        acc.slots[loss.0] = Some(ArrayD::ones(self.nodes[loss.0].value.raw_dim()));
+        acc.slots[loss.0] = Some(ArrayD::ones(self.value(loss).raw_dim()));
 
         for i in (0..n).rev() {
             let Some(g) = acc.slots[i].take() else {
@@ -229,23 +289,13 @@ impl Tape {
             match &node.op {
                 Op::Param => out[i] = Some(g),
                 Op::Const => {}
-                Op::Binary(k, a, b) => binary::backward(self, *k, *a, *b, &node.value, g, &mut acc),
-                Op::Unary(k, a) => unary::backward(self, k, *a, &node.value, g, &mut acc),
+                Op::Binary(k, a, b) => binary::backward(self, *k, *a, *b, self.value(Var(i)), g, &mut acc),
+                Op::Unary(k, a) => unary::backward(self, k, *a, self.value(Var(i)), g, &mut acc),
                 Op::Reduce(k, a) => reduce::backward(self, k, *a, g, &mut acc),
                 Op::Shape(s) => shape::backward(self, s, g, &mut acc),
                 Op::MatMul(a, b) => matmul::backward(self, *a, *b, g, &mut acc),
-                Op::LinearGrouped {
-                    x,
-                    w,
-                    b,
-                    bs,
-                    groups,
-                } => matmul::linear_grouped_backward(self, *x, *w, *b, *bs, *groups, g, &mut acc),
-                Op::Conv1x1Channels { x, w, b, chans } => conv1x1::channels_backward(self, *x, *w, *b, chans, g, &mut acc),
-                Op::Conv1x1At { x, w, b, picks, groups } => conv1x1::at_backward(self, *x, *w, *b, picks, *groups, g, &mut acc),
                 Op::Conv2d { x, w, b, spec } => conv::conv2d_backward(self, *x, *w, *b, spec, g, &mut acc),
                 Op::ConvTranspose2d { x, w, b, spec } => conv::conv_transpose2d_backward(self, *x, *w, *b, spec, g, &mut acc),
-                Op::HeadRows { x, w, b, na } => head_rows::backward(self, *x, *w, *b, *na, g, &mut acc),
                 Op::MaxPool2d { x, argmax } => pool::max_pool2d_backward(self, *x, argmax, g, &mut acc),
                 Op::ResizeNearest { x, ys, xs } => resize::resize_nearest_backward(self, *x, ys, xs, g, &mut acc),
                 Op::BceWithLogits {
@@ -253,7 +303,7 @@ impl Tape {
                     targets,
                     pos_weight,
                 } => loss_ops::bce_backward(self, *logits, *targets, *pos_weight, g, &mut acc),
-                Op::ObjBce { w, b, chans, dw, db } => obj_bce::backward(self, *w, *b, chans, dw, db, g, &mut acc),
+                Op::Ext(op) => op.backward(self, g, &mut acc),
             }
             if let Some(t0) = t0 {
                 profile::backward(&node.op, t0);
@@ -281,11 +331,7 @@ impl GradAcc<'_> {
         if !self.wants(v) {
             return;
         }
-        assert_eq!(
-            g.shape(),
-            self.tape.nodes[v.0].value.shape(),
-            "grad shape mismatch"
-        );
+        assert_eq!(g.shape(), self.tape.shape(v), "grad shape mismatch");
         match &mut self.slots[v.0] {
             // large maps (a tail tensor read by two convs) in parallel;
             // elementwise, so the sums do not depend on it
@@ -298,7 +344,7 @@ impl GradAcc<'_> {
     /// The (zero-initialised) gradient buffer of `v`, for ops that scatter
     /// into part of it rather than build a full-size array.
     pub fn buffer(&mut self, v: Var) -> &mut ArrayD<f32> {
-        let shape = self.tape.nodes[v.0].value.raw_dim();
+        let shape = self.tape.shape(v);
         self.slots[v.0].get_or_insert_with(|| ArrayD::zeros(shape))
     }
 }

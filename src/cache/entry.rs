@@ -195,7 +195,7 @@ impl LendLevel for EntryLevel {
 pub fn lend_level(entries: &[Arc<Entry>], level: usize) -> Result<Features> {
     let [c, h, w] = entries.first().context("an empty batch")?.header.shapes[level];
     let lenders = entries.iter().map(|e| Arc::new(EntryLevel { entry: e.clone(), level }) as Arc<dyn LendLevel>).collect();
-    Features::lent(lenders, c, h * w)
+    Features::lent(lenders, c, h, w)
 }
 
 #[cfg(test)]

@@ -292,7 +292,7 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
     if (train == TrainWhat::Cls || (lr_box == 0.0 && lr_obj == 0.0)) && lr_cls == 0.0 {
         eprintln!("note: every row's learning-rate multiplier is 0: the head does not change (the epochs only validate it)");
     }
-    let freeze = a.freeze.unwrap_or(freezesplit_head_only());
+    let freeze = a.freeze.unwrap_or_else(train::default_freeze);
     let sparse = train::sparse::resolve(train, freeze, a.sparse, a.dense)?;
     let model = Model::load(&weights)?;
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
@@ -326,9 +326,4 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
         engine: a.engine.options(),
         progress: true,
     })
-}
-
-
-fn freezesplit_head_only() -> usize {
-    crate::graph::cut::HEAD_ONLY
 }

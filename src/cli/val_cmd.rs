@@ -117,11 +117,17 @@ pub fn run(a: ValArgs) -> Result<()> {
                     }
                 }
             }
-            let tmp = tempfile::Builder::new().prefix("freezesplit-val-").tempdir()?;
-            if let Some(net) = &tail {
-                let shapes: Vec<[usize; 3]> = (0..cut.crossing.len()).map(|i| cut.shape(i, imgsz)).collect();
-                items = crate::train::tail::val_items(net, &items, &shapes, a.batch_size, tmp.path())?;
-            }
+            // below N = 24 the items become the tail's outputs, written to a
+            // temporary directory that must outlive validate_items
+            let _tmp = match &tail {
+                Some(net) => {
+                    let tmp = tempfile::Builder::new().prefix("freezesplit-val-").tempdir()?;
+                    let shapes: Vec<[usize; 3]> = (0..cut.crossing.len()).map(|i| cut.shape(i, imgsz)).collect();
+                    items = crate::train::tail::val_items(net, &items, &shapes, a.batch_size, tmp.path())?;
+                    Some(tmp)
+                }
+                None => None,
+            };
             let mut r = val::validate_items(&head, &items, &opts)?;
             r.skipped_images = skipped;
             (r, engine, Some(cache.dir))

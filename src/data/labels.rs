@@ -193,18 +193,7 @@ impl LabelScan {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn write(p: &Path, text: &[u8]) {
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
-    }
-
-    /// `images/a.jpg`.. under `dir` (the bytes are never decoded here).
-    fn images(dir: &Path, names: &[&str]) {
-        for n in names {
-            write(&dir.join("images").join(n), b"not decoded");
-        }
-    }
+    use crate::data::testutil::{images, write};
 
     #[test]
     fn bad_label_lines_are_skipped_with_reasons() {

@@ -257,21 +257,29 @@ pub fn label_path(image: &Path) -> PathBuf {
     Path::new(&replaced).with_extension("txt")
 }
 
+/// Dataset trees for the tests of this module and `labels`.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testutil {
+    use std::path::Path;
 
-    fn write(p: &Path, text: &[u8]) {
+    /// Writes `text` to `p`, creating its directories.
+    pub fn write(p: &Path, text: &[u8]) {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, text).unwrap();
     }
 
     /// `images/a.jpg`.. under `dir` (the bytes are never decoded here).
-    fn images(dir: &Path, names: &[&str]) {
+    pub fn images(dir: &Path, names: &[&str]) {
         for n in names {
             write(&dir.join("images").join(n), b"not decoded");
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::testutil::{images, write};
 
     #[test]
     fn label_path_swaps_the_last_images_dir() {

@@ -1,5 +1,5 @@
-// Dense f32 loops under the head's 1x1 convs (autograd::conv1x1 and
-// autograd::obj_bce for training, Head::decode_above for validation), with
+// Dense f32 loops under the head's 1x1 convs (autograd::fused::conv1x1 and
+// autograd::fused::obj_bce for training, Head::decode_above for validation), with
 // AVX2/FMA versions chosen at run time; `bce` holds the objectness loss's
 // elementwise loop.
 // In/out: plain slices. `conv_rows`: out[j][s] = b[j] + Σ_c w[j][c]·x[c][s] for

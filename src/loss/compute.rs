@@ -13,8 +13,8 @@ use ndarray::{Array2, ArrayView2};
 use super::bbox::bbox_ciou;
 use super::hyp::{Hyp, balance_for, smooth_bce};
 use super::targets::{LevelTargets, build_targets};
-use crate::autograd::conv1x1::Pick;
-use crate::autograd::{Feat, Tape, Var};
+use crate::autograd::fused::conv1x1::Pick;
+use crate::autograd::{Tape, Var};
 
 /// Focal loss alpha, as YOLOv5's FocalLoss default.
 const FOCAL_ALPHA: f32 = 0.25;
@@ -105,8 +105,9 @@ pub enum ObjLogits {
     /// Computed: `[bs*na*ny*nx, 1]`, rows (b, a, y, x).
     Var(Var),
     /// Still to compute from the features and the level's conv; without focal
-    /// loss the BCE is then fused with the conv (`autograd::obj_bce`).
-    Features { x: Feat, w: Var, b: Var },
+    /// loss the BCE is then fused with the conv (`autograd::fused::obj_bce`);
+    /// `x` is the level's feature map leaf (`Tape::input`).
+    Features { x: Var, w: Var, b: Var },
 }
 
 /// ComputeLoss on the raw head output p[i] (`[bs*na*ny*nx, no]` per level).
@@ -134,18 +135,18 @@ pub fn compute_loss(
     loss_from_outputs(t, cfg, &tgts, &outs, grids, bs)
 }
 
-/// ComputeLoss straight from the frozen features: `feats[i]` `[bs, cin,
-/// ny*nx]` (the cache's layout and dtype), the head's conv `weights[i]` and
-/// `biases[i]`.
+/// ComputeLoss straight from the frozen features: `feats[i]` a feature map
+/// leaf `[bs, cin, ny, nx]` (`Tape::input`: the cache's layout and dtype),
+/// the head's conv `weights[i]` and `biases[i]`.
 /// Same value as `head_forward` + `compute_loss`, but the conv is evaluated
 /// only where the loss reads it: objectness everywhere, all channels at the
-/// positives (see `autograd::conv1x1`), and the objectness loss fused with
-/// its conv when there is no focal loss (`autograd::obj_bce`).
+/// positives (see `autograd::fused::conv1x1`), and the objectness loss fused
+/// with its conv when there is no focal loss (`autograd::fused::obj_bce`).
 #[allow(clippy::too_many_arguments)]
 pub fn compute_loss_on_features(
     t: &mut Tape,
     cfg: &LossConfig,
-    feats: &[Feat],
+    feats: &[Var],
     weights: &[Var],
     biases: &[Var],
     grids: &[(usize, usize)],
@@ -158,8 +159,8 @@ pub fn compute_loss_on_features(
     let outs: Vec<LevelOutputs> = (0..grids.len())
         .map(|i| {
             let (ny, nx) = grids[i];
-            let [fbs, _, fsp] = t.feature_data(feats[i]).shape();
-            assert!(fbs == bs && fsp == ny * nx, "features[{i}] must be [bs, cin, ny*nx]");
+            let [fbs, _, fny, fnx] = t.map(feats[i]).shape();
+            assert!(fbs == bs && (fny, fnx) == (ny, nx), "features[{i}] must be [bs, cin, ny, nx]");
             let lt = &tgts[i];
             let picks: Vec<Pick> = (0..lt.len()).map(|k| (lt.b[k] as u32, (lt.gj[k] * nx + lt.gi[k]) as u32, lt.a[k] as u32)).collect();
             let ps = (!lt.is_empty()).then(|| t.conv1x1_at(feats[i], weights[i], biases[i], &picks, na));
@@ -337,7 +338,7 @@ mod tests {
             let w: Vec<Var> = ws.iter().map(|w| t.param(w.clone())).collect();
             let b: Vec<Var> = bsv.iter().map(|b| t.param(b.clone())).collect();
             let parts = if sparse {
-                let f: Vec<Feat> = feats.iter().map(|f| t.features(crate::autograd::Features::from_array(f.clone()))).collect();
+                let f: Vec<Var> = feats.iter().map(|f| t.input(crate::autograd::Features::from_array(f.clone()))).collect();
                 compute_loss_on_features(&mut t, &cfg, &f, &w, &b, &grids, bs, targets.view())
             } else {
                 let f: Vec<Var> = feats.iter().map(|f| t.constant(nchw_to_rows(f.view().into_dimensionality().unwrap()).into_dyn())).collect();

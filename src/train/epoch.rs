@@ -85,7 +85,7 @@ pub fn step(params: &ParamStore, batch: Batch, cfg: &LossConfig, grids: &[(usize
             vars.insert(name.clone(), t.param(p.value.clone()));
         }
     }
-    let feats: Vec<_> = batch.feats.into_iter().map(|f| t.features(f)).collect();
+    let feats: Vec<_> = batch.feats.into_iter().map(|f| t.input(f)).collect();
     let weights: Vec<_> = layout.weights.iter().map(|n| vars[n]).collect();
     let biases: Vec<_> = layout.biases.iter().map(|n| vars[n]).collect();
     let parts = compute_loss_on_features(&mut t, cfg, &feats, &weights, &biases, grids, batch.bs, batch.targets.view());

@@ -70,7 +70,7 @@ fn dense(entries: &[Entry], shapes: &[[usize; 3]]) -> Vec<ArrayD<f32>> {
 
 /// The head's raw output p per level, `[B·na·ny·nx, no]` with rows in
 /// (b, a, y, x) order, from head inputs `[B, C, ny, nx]` on the tape (the
-/// 1x1 conv written straight in that layout: autograd::head_rows).
+/// 1x1 conv written straight in that layout: autograd::fused::head_rows).
 fn head_p(t: &mut Tape, x: Var, w: Var, b: Var, na: usize) -> Var {
     t.head_rows(x, w, b, na)
 }

@@ -52,7 +52,7 @@ pub fn batch_loss_with(head: &Head, hyp: &Hyp, entries: &[Arc<Entry>], targets: 
     let mut t = Tape::new();
     let (mut feats, mut ws, mut bsv) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..nl {
-        feats.push(t.features(lend_level(entries, i)?));
+        feats.push(t.input(lend_level(entries, i)?));
         ws.push(t.constant(head.weights[i].clone().into_dyn()));
         bsv.push(t.constant(head.biases[i].clone().into_dyn()));
     }

@@ -83,6 +83,20 @@ fn a_roboflow_export_caches_and_validates_as_it_ships() {
     assert!(err.contains(&format!("warning: {}: it is a directory, not a label file; label file skipped", valid.join("valid2_jpg.rf.0123456789abcdef.txt").display())), "{err}");
     assert!(err.contains("val: 4 images, 4 label files: 2 polygon labels converted to boxes, 1 duplicate label removed, 1 unreadable label file skipped"), "{err}");
 
+    // at N = 24 val reads the cache as it is: it needs no temporary directory
+    // (below N = 24 the tail's outputs go to one), so an unusable TMPDIR is no error
+    let out = Command::new(common::bin())
+        .args(["val", "--json", "--engine", "tract", "--weights"])
+        .arg(common::root().join(MODEL))
+        .arg("--data")
+        .arg(&yaml)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .env("TMPDIR", dir.path().join("no-such-tmp"))
+        .output()
+        .unwrap();
+    assert_eq!(ok_json(&out)["instances"], 4);
+
     // the test split has images but no labels: refused, naming where labels were looked for
     let out = run(&["val", "--json", "--split", "test"], &yaml, &cache);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -272,7 +272,7 @@ fn loss_and_grads_match_yolov5() {
         let mut t2 = Tape::new();
         let (mut feats2, mut ws2, mut bsv2) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..nl {
-            feats2.push(t2.features(Features::from_array(c.f32(&format!("feat{i}")))));
+            feats2.push(t2.input(Features::from_array(c.f32(&format!("feat{i}")))));
             ws2.push(t2.param(c.f32(&format!("weight{i}"))));
             bsv2.push(t2.param(c.f32(&format!("bias{i}"))));
         }

@@ -10,7 +10,7 @@
 
 use anyhow::Result;
 
-use super::{attr_hw, attr_int, attr_pads, check_auto_pad, node_err};
+use super::{ConvGeometry, conv_geometry};
 use crate::graph::onnx::{ConstTensor, pb};
 use crate::kernels::conv::Geom;
 
@@ -69,51 +69,14 @@ impl ConvSpec {
 
 /// See the file header.
 pub fn parse(node: &pb::NodeProto, consts: &dyn Fn(&str) -> Option<ConstTensor>) -> Result<ConvSpec> {
-    if node.input.len() < 2 || node.input.len() > 3 {
-        return Err(node_err(node, format!("Conv has {} inputs, expected X, W and an optional B", node.input.len())));
-    }
-    let wdims = consts(&node.input[1]).map(|w| w.dims);
-    if let Some(d) = &wdims
-        && d.len() != 4
-    {
-        return Err(node_err(node, format!("weight {} has shape {d:?}; only 2-D convolutions (a 4-D weight) are supported", node.input[1])));
-    }
-    let kernel = match (attr_hw(node, "kernel_shape", [0, 0], 1)?, &wdims) {
-        ([0, 0], Some(d)) => [d[2], d[3]],
-        ([0, 0], None) => return Err(node_err(node, "kernel_shape is absent and the weight is not a constant")),
-        (k, Some(d)) if k != [d[2], d[3]] => return Err(node_err(node, format!("kernel_shape {k:?} disagrees with the weight's shape {d:?}"))),
-        (k, _) => k,
-    };
-    let pads = attr_pads(node)?;
-    check_auto_pad(node, pads)?;
-    let groups = attr_int(node, "group", 1);
-    if groups < 1 {
-        return Err(node_err(node, format!("group = {groups} is not >= 1")));
-    }
-    let spec = ConvSpec {
-        kernel,
-        strides: attr_hw(node, "strides", [1, 1], 1)?,
-        pads,
-        dilations: attr_hw(node, "dilations", [1, 1], 1)?,
-        groups: groups as usize,
-        bias: node.input.len() == 3 && !node.input[2].is_empty(),
-    };
-    if let Some(d) = &wdims
-        && d[0] % spec.groups != 0
-    {
-        return Err(node_err(node, format!("{} output channels do not split into {} groups", d[0], spec.groups)));
-    }
-    Ok(spec)
+    let ConvGeometry { kernel, strides, pads, dilations, groups, bias } = conv_geometry(node, consts)?;
+    Ok(ConvSpec { kernel, strides, pads, dilations, groups, bias })
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testutil::*;
     use super::*;
-
-    fn weight(dims: &[usize]) -> impl Fn(&str) -> Option<ConstTensor> + '_ {
-        move |n: &str| (n == "w").then(|| ConstTensor { dims: dims.to_vec(), values: vec![0.0; dims.iter().product()] })
-    }
 
     #[test]
     fn yolov5_downsample_conv() {

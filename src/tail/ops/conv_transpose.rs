@@ -15,7 +15,7 @@
 use anyhow::Result;
 
 use super::conv::ConvSpec;
-use super::{attr, attr_hw, attr_int, attr_pads, check_auto_pad, node_err};
+use super::{ConvGeometry, attr, attr_hw, conv_geometry, node_err};
 use crate::graph::onnx::{ConstTensor, pb};
 use crate::kernels::conv::Geom;
 
@@ -61,60 +61,23 @@ impl ConvTransposeSpec {
 
 /// See the file header.
 pub fn parse(node: &pb::NodeProto, consts: &dyn Fn(&str) -> Option<ConstTensor>) -> Result<ConvTransposeSpec> {
-    if node.input.len() < 2 || node.input.len() > 3 {
-        return Err(node_err(node, format!("ConvTranspose has {} inputs, expected X, W and an optional B", node.input.len())));
-    }
     if attr(node, "output_shape").is_some() {
         return Err(node_err(node, "ConvTranspose with output_shape is not supported (only explicit pads); re-export without it"));
     }
-    let wdims = consts(&node.input[1]).map(|w| w.dims);
-    if let Some(d) = &wdims
-        && d.len() != 4
-    {
-        return Err(node_err(node, format!("weight {} has shape {d:?}; only 2-D transposed convolutions (a 4-D weight) are supported", node.input[1])));
-    }
-    let kernel = match (attr_hw(node, "kernel_shape", [0, 0], 1)?, &wdims) {
-        ([0, 0], Some(d)) => [d[2], d[3]],
-        ([0, 0], None) => return Err(node_err(node, "kernel_shape is absent and the weight is not a constant")),
-        (k, Some(d)) if k != [d[2], d[3]] => return Err(node_err(node, format!("kernel_shape {k:?} disagrees with the weight's shape {d:?}"))),
-        (k, _) => k,
-    };
-    let pads = attr_pads(node)?;
-    check_auto_pad(node, pads)?;
-    let groups = attr_int(node, "group", 1);
-    if groups < 1 {
-        return Err(node_err(node, format!("group = {groups} is not >= 1")));
-    }
-    let spec = ConvTransposeSpec {
-        kernel,
-        strides: attr_hw(node, "strides", [1, 1], 1)?,
-        pads,
-        dilations: attr_hw(node, "dilations", [1, 1], 1)?,
-        output_padding: attr_hw(node, "output_padding", [0, 0], 0)?,
-        groups: groups as usize,
-        bias: node.input.len() == 3 && !node.input[2].is_empty(),
-    };
+    let ConvGeometry { kernel, strides, pads, dilations, groups, bias } = conv_geometry(node, consts)?;
+    let output_padding = attr_hw(node, "output_padding", [0, 0], 0)?;
     for i in 0..2 {
-        if spec.output_padding[i] >= spec.strides[i].max(spec.dilations[i]) {
-            return Err(node_err(node, format!("output_padding {:?} must be smaller than the strides {:?}", spec.output_padding, spec.strides)));
+        if output_padding[i] >= strides[i].max(dilations[i]) {
+            return Err(node_err(node, format!("output_padding {output_padding:?} must be smaller than the strides {strides:?}")));
         }
     }
-    if let Some(d) = &wdims
-        && d[0] % spec.groups != 0
-    {
-        return Err(node_err(node, format!("{} input channels do not split into {} groups", d[0], spec.groups)));
-    }
-    Ok(spec)
+    Ok(ConvTransposeSpec { kernel, strides, pads, dilations, output_padding, groups, bias })
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testutil::*;
     use super::*;
-
-    fn weight(dims: &[usize]) -> impl Fn(&str) -> Option<ConstTensor> + '_ {
-        move |n: &str| (n == "w").then(|| ConstTensor { dims: dims.to_vec(), values: vec![0.0; dims.iter().product()] })
-    }
 
     #[test]
     fn yolov5_upsample_doubles() {

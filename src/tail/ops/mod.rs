@@ -118,6 +118,64 @@ pub(crate) fn check_auto_pad(node: &pb::NodeProto, pads: [usize; 4]) -> Result<(
     }
 }
 
+/// What ONNX Conv and ConvTranspose nodes share (see conv.rs and
+/// conv_transpose.rs for what each means by it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ConvGeometry {
+    pub kernel: [usize; 2],
+    pub strides: [usize; 2],
+    /// `[top, left, bottom, right]`.
+    pub pads: [usize; 4],
+    pub dilations: [usize; 2],
+    pub groups: usize,
+    /// Whether the node has a bias input.
+    pub bias: bool,
+}
+
+/// The checks and attributes of a Conv or ConvTranspose node: inputs X, W and
+/// an optional B; a constant W is 4-D, gives `kernel_shape` when that is
+/// absent and must agree with it when present, and its first dimension
+/// (Conv: output channels, ConvTranspose: input channels) splits into
+/// `group`s; explicit pads only.
+pub(crate) fn conv_geometry(node: &pb::NodeProto, consts: &dyn Fn(&str) -> Option<ConstTensor>) -> Result<ConvGeometry> {
+    let op = node.op_type.as_str();
+    let (what, dim0) = if op == "ConvTranspose" { ("transposed convolutions", "input") } else { ("convolutions", "output") };
+    if node.input.len() < 2 || node.input.len() > 3 {
+        return Err(node_err(node, format!("{op} has {} inputs, expected X, W and an optional B", node.input.len())));
+    }
+    let wdims = consts(&node.input[1]).map(|w| w.dims);
+    if let Some(d) = &wdims
+        && d.len() != 4
+    {
+        return Err(node_err(node, format!("weight {} has shape {d:?}; only 2-D {what} (a 4-D weight) are supported", node.input[1])));
+    }
+    let kernel = match (attr_hw(node, "kernel_shape", [0, 0], 1)?, &wdims) {
+        ([0, 0], Some(d)) => [d[2], d[3]],
+        ([0, 0], None) => return Err(node_err(node, "kernel_shape is absent and the weight is not a constant")),
+        (k, Some(d)) if k != [d[2], d[3]] => return Err(node_err(node, format!("kernel_shape {k:?} disagrees with the weight's shape {d:?}"))),
+        (k, _) => k,
+    };
+    let pads = attr_pads(node)?;
+    check_auto_pad(node, pads)?;
+    let groups = attr_int(node, "group", 1);
+    if groups < 1 {
+        return Err(node_err(node, format!("group = {groups} is not >= 1")));
+    }
+    if let Some(d) = &wdims
+        && d[0] % groups as usize != 0
+    {
+        return Err(node_err(node, format!("{} {dim0} channels do not split into {groups} groups", d[0])));
+    }
+    Ok(ConvGeometry {
+        kernel,
+        strides: attr_hw(node, "strides", [1, 1], 1)?,
+        pads,
+        dilations: attr_hw(node, "dilations", [1, 1], 1)?,
+        groups: groups as usize,
+        bias: node.input.len() == 3 && !node.input[2].is_empty(),
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod testutil {
     use super::*;
@@ -147,12 +205,41 @@ pub(crate) mod testutil {
     pub fn none(_: &str) -> Option<ConstTensor> {
         None
     }
+    /// A constants lookup that knows one tensor, "w", of shape `dims`.
+    pub fn weight(dims: &[usize]) -> impl Fn(&str) -> Option<ConstTensor> + '_ {
+        move |n: &str| (n == "w").then(|| ConstTensor { dims: dims.to_vec(), values: vec![0.0; dims.iter().product()] })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::testutil::*;
     use super::*;
+
+    #[test]
+    fn conv_geometry_reads_attributes_and_takes_the_kernel_from_the_weight() {
+        let n = node("Conv", "c", &["x", "w", "b"], vec![ints("pads", &[0, 1, 2, 3]), ints("strides", &[2, 1]), ints("dilations", &[1, 2]), int("group", 2)]);
+        let g = conv_geometry(&n, &weight(&[4, 3, 3, 2])).unwrap();
+        assert_eq!(g, ConvGeometry { kernel: [3, 2], strides: [2, 1], pads: [0, 1, 2, 3], dilations: [1, 2], groups: 2, bias: true });
+        // a dynamic weight needs kernel_shape; an empty B input is no bias
+        let n = node("ConvTranspose", "t", &["x", "w", ""], vec![ints("kernel_shape", &[2, 2])]);
+        let g = conv_geometry(&n, &none).unwrap();
+        assert_eq!((g.kernel, g.strides, g.pads, g.groups, g.bias), ([2, 2], [1, 1], [0; 4], 1, false));
+    }
+
+    #[test]
+    fn conv_geometry_refusals_name_the_node_and_the_op() {
+        let err = |op: &str, inputs: &[&str], attrs, dims: &[usize]| conv_geometry(&node(op, "n", inputs, attrs), &weight(dims)).unwrap_err().to_string();
+        assert_eq!(err("ConvTranspose", &["x"], vec![], &[1, 1, 1, 1]), "node n: ConvTranspose has 1 inputs, expected X, W and an optional B");
+        assert!(err("Conv", &["x", "w"], vec![], &[4, 3, 3]).contains("only 2-D convolutions (a 4-D weight)"));
+        assert!(err("ConvTranspose", &["x", "w"], vec![], &[4, 3, 3]).contains("only 2-D transposed convolutions (a 4-D weight)"));
+        assert!(err("Conv", &["x", "w"], vec![ints("kernel_shape", &[3, 3])], &[4, 3, 1, 1]).contains("disagrees with the weight's shape"));
+        assert!(err("Conv", &["x", "q"], vec![], &[4, 3, 1, 1]).ends_with("kernel_shape is absent and the weight is not a constant"));
+        assert!(err("Conv", &["x", "w"], vec![int("group", 0)], &[4, 3, 1, 1]).ends_with("group = 0 is not >= 1"));
+        assert!(err("Conv", &["x", "w"], vec![int("group", 3)], &[4, 3, 1, 1]).ends_with("4 output channels do not split into 3 groups"));
+        assert!(err("ConvTranspose", &["x", "w"], vec![int("group", 3)], &[4, 3, 1, 1]).ends_with("4 input channels do not split into 3 groups"));
+        assert!(err("Conv", &["x", "w"], vec![string("auto_pad", "SAME_UPPER")], &[4, 3, 1, 1]).contains("auto_pad SAME_UPPER is not supported"));
+    }
 
     #[test]
     fn unknown_ops_are_refused_naming_the_node() {

@@ -1,7 +1,7 @@
 // YOLOv5's objectness loss for one level, straight from the frozen features:
 // `BCEobj(pi[..., 4], tobj)`, the mean BCE-with-logits (pos_weight) over every
 // anchor at every position, without materialising the logits.
-// In: features x ([bs, cin, S] on the tape), the level's conv w [cout, cin]
+// In: features x (a feature map leaf [bs, cin, ny, nx], S = ny*nx), the level's conv w [cout, cin]
 // (or [cout, cin, 1, 1]) and b [cout], the objectness channels `chans` (a·no + 4
 // per anchor a), the non-zero targets as `(row, value)` with rows (b, j, s)
 // numbered as `conv1x1_channels` numbers its output (of duplicate rows the
@@ -20,7 +20,7 @@ use ndarray::{ArrayD, arr0};
 use rayon::prelude::*;
 
 use super::conv1x1::{w_rows, zeros_like_w};
-use super::tape::{Feat, GradAcc, Op, Tape, Var};
+use crate::autograd::tape::{FusedOp, GradAcc, Tape, Var};
 use crate::kernels::bce::{bce_logits_grad, bce_logits_sum};
 use crate::kernels::{Elem, conv_rows_window, dots_lanes};
 use crate::with_slice;
@@ -32,13 +32,23 @@ const TILE: usize = 256;
 /// One image's share: loss sum, dW lanes `[k·cin]`, db `[k]`.
 type ImagePart = (f64, Vec<[f32; 8]>, Vec<f64>);
 
+/// `obj_bce_on_features`'s record: `dw` `[k, cin]` and `db` `[k]` are
+/// d(loss)/d(w rows `chans`, b[chans]), computed in the forward.
+pub struct ObjBce {
+    w: Var,
+    b: Var,
+    chans: Vec<usize>,
+    dw: Vec<f32>,
+    db: Vec<f32>,
+}
+
 impl Tape {
     /// See the file header.
-    pub fn obj_bce_on_features(&mut self, x: Feat, w: Var, b: Var, chans: &[usize], targets: &[(usize, f32)], pos_weight: f32) -> Var {
+    pub fn obj_bce_on_features(&mut self, x: Var, w: Var, b: Var, chans: &[usize], targets: &[(usize, f32)], pos_weight: f32) -> Var {
         let (wsel, bsel) = self.conv_rows_of("obj_bce_on_features", x, w, b, chans);
         let wrefs: Vec<&[f32]> = wsel.iter().map(|w| w.as_slice()).collect();
-        let f = &self.features[x.0];
-        let (bs, cin, sp) = (f.bs, f.cin, f.sp);
+        let f = self.map(x);
+        let (bs, cin, sp) = (f.bs, f.cin, f.sp());
         let k = chans.len();
         let n = bs * k * sp;
         assert!(targets.iter().all(|&(r, _)| r < n), "obj_bce_on_features: target row out of range");
@@ -70,8 +80,8 @@ impl Tape {
             }
         }
         let value = arr0((loss / n as f64) as f32).into_dyn();
-        let op = Op::ObjBce { w, b, chans: chans.to_vec(), dw: dw.iter().map(|&v| v as f32).collect(), db: db.iter().map(|&v| v as f32).collect() };
-        self.push_op(value, op, &[w, b])
+        let op = ObjBce { w, b, chans: chans.to_vec(), dw: dw.iter().map(|&v| v as f32).collect(), db: db.iter().map(|&v| v as f32).collect() };
+        self.push_ext(value, op, &[x, w, b])
     }
 }
 
@@ -126,10 +136,20 @@ fn image_pass<T: Elem>(x: &[T], sp: usize, w: &[&[f32]], b: &[f32], tg: &[(usize
     (loss, lanes, db)
 }
 
+impl FusedOp for ObjBce {
+    fn name(&self) -> &'static str {
+        "ObjBce"
+    }
+
+    fn backward(&self, t: &Tape, g: ArrayD<f32>, acc: &mut GradAcc) {
+        backward(t, self, g, acc)
+    }
+}
+
 /// d(mean loss)/dw and /db were accumulated in the forward; scale them by the
 /// incoming (scalar) gradient.
-#[allow(clippy::too_many_arguments)]
-pub fn backward(t: &Tape, w: Var, b: Var, chans: &[usize], dw: &[f32], db: &[f32], g: ArrayD<f32>, acc: &mut GradAcc) {
+fn backward(t: &Tape, op: &ObjBce, g: ArrayD<f32>, acc: &mut GradAcc) {
+    let ObjBce { w, b, ref chans, ref dw, ref db } = *op;
     let gs = *g.iter().next().expect("obj_bce gradient is a scalar");
     if acc.wants(b) {
         let mut gb = ArrayD::zeros(t.value(b).raw_dim());
@@ -159,7 +179,7 @@ mod tests {
     use half::f16;
 
     /// The same loss from separate ops: conv1x1_channels, bce_with_logits, mean.
-    fn unfused(t: &mut Tape, x: Feat, w: Var, b: Var, chans: &[usize], targets: &[(usize, f32)], pw: f32) -> Var {
+    fn unfused(t: &mut Tape, x: Var, w: Var, b: Var, chans: &[usize], targets: &[(usize, f32)], pw: f32) -> Var {
         let z = t.conv1x1_channels(x, w, b, chans);
         let mut dense = ArrayD::zeros(t.value(z).raw_dim());
         for &(r, v) in targets {
@@ -173,9 +193,9 @@ mod tests {
     #[test]
     fn equals_the_unfused_ops_over_tiles_and_images() {
         // sp = 600 spans three tiles (the last partial); a duplicate row; f16 too
-        let (bs, cin, sp) = (3, 20, 600);
+        let (bs, cin, ny, nx) = (3, 20, 20, 30);
         let chans = [4usize, 13, 22];
-        let x = rand_array(&[bs, cin, sp], 1, -1.0, 1.0);
+        let x = rand_array(&[bs, cin, ny, nx], 1, -1.0, 1.0);
         let w = rand_array(&[27, cin], 2, -0.5, 0.5);
         let b = rand_array(&[27], 3, -2.0, 0.0);
         let targets = vec![(5usize, 0.7f32), (600 + 599, 0.2), (2 * 1800 + 1200 + 256, 0.9), (5, 0.4), (1800 + 3, 1.0)];
@@ -183,11 +203,11 @@ mod tests {
             let mut t = Tape::new();
             let feats = if f16s {
                 let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
-                Features { data: FeatData::F16(h), bs, cin, sp }
+                Features { data: FeatData::F16(h), bs, cin, ny, nx }
             } else {
                 Features::from_array(x.clone())
             };
-            let xf = t.features(feats);
+            let xf = t.input(feats);
             let (wv, bv) = (t.param(w.clone()), t.param(b.clone()));
             let fused = t.obj_bce_on_features(xf, wv, bv, &chans, &targets, 1.3);
             let plain = unfused(&mut t, xf, wv, bv, &chans, &targets, 1.3);
@@ -205,31 +225,32 @@ mod tests {
 
     #[test]
     fn grads() {
-        let (bs, cin, sp) = (2, 3, 20);
-        let x = rand_array(&[bs, cin, sp], 4, -1.0, 1.0);
+        let (bs, cin) = (2, 3);
+        let x = rand_array(&[bs, cin, 4, 5], 4, -1.0, 1.0);
         let w = rand_array(&[6, cin, 1, 1], 5, -1.0, 1.0);
         let b = rand_array(&[6], 6, -1.0, 1.0);
         check(&[w, b], move |t, v| {
-            let f = t.features(Features::from_array(x.clone()));
+            let f = t.input(Features::from_array(x.clone()));
             t.obj_bce_on_features(f, v[0], v[1], &[1, 4], &[(3, 0.5), (45, 0.8)], 2.0)
         });
     }
 
     #[test]
     fn constants_take_no_gradient_pass_and_give_the_same_loss() {
-        let (bs, cin, sp) = (2, 5, 300);
-        let x = rand_array(&[bs, cin, sp], 7, -1.0, 1.0);
+        let (bs, cin) = (2, 5);
+        let x = rand_array(&[bs, cin, 15, 20], 7, -1.0, 1.0);
         let w = rand_array(&[3, cin], 8, -1.0, 1.0);
         let b = rand_array(&[3], 9, -1.0, 1.0);
         let mut t = Tape::new();
-        let f = t.features(Features::from_array(x));
+        let f = t.input(Features::from_array(x));
         let (wc, bc) = (t.constant(w.clone()), t.constant(b.clone()));
         let (wp, bp) = (t.param(w), t.param(b));
         let c = t.obj_bce_on_features(f, wc, bc, &[0, 2], &[(7, 0.3)], 1.0);
         let p = t.obj_bce_on_features(f, wp, bp, &[0, 2], &[(7, 0.3)], 1.0);
         assert_eq!(t.scalar(c), t.scalar(p));
         assert!(!t.requires_grad(c));
-        let Op::ObjBce { dw, .. } = &t.nodes[c.0].op else { panic!() };
-        assert!(dw.iter().all(|&v| v == 0.0));
+        let op = t.ext_op::<ObjBce>(c).expect("an ObjBce node");
+        assert!(op.dw.iter().all(|&v| v == 0.0));
+        assert!(t.ext_op::<ObjBce>(f).is_none());
     }
 }

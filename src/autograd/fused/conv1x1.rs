@@ -1,7 +1,8 @@
 // 1x1 convolutions read straight from cached NCHW features, computing only the
 // outputs the YOLOv5 loss reads.
-// In: features x (a `Features` on the tape: [bs, cin, S] as the cache stores a
-//     level, S = ny*nx, f32 or f16), w [cout, cin] (or [cout, cin, 1, 1]), b [cout].
+// In: features x (a feature map leaf, `Tape::input`: [bs, cin, ny, nx] as the
+//     cache stores a level, f32 or f16; S = ny*nx), w [cout, cin] (or
+//     [cout, cin, 1, 1]), b [cout].
 // - conv1x1_channels(x, w, b, chans): output channels `chans` at every position
 //   -> [bs*k*S, 1] with rows (b, j, s). With chans = the na objectness channels
 //   (a*no + 4) this is YOLOv5's p[i][..., 4] flattened in (b, a, y, x) order.
@@ -17,52 +18,59 @@
 use ndarray::{ArrayD, ArrayView2, Axis, IxDyn};
 use rayon::prelude::*;
 
-use super::matmul::weight2;
-use super::tape::{Feat, GradAcc, Op, Tape, Var};
-use crate::features::Features;
+use crate::autograd::matmul::weight2;
+use crate::autograd::tape::{FusedOp, GradAcc, Tape, Var};
 use crate::kernels::{axpy, conv_rows, dot, dots, gather_col};
 use crate::with_slice;
 
 /// `(image, position, group)` of one gathered output row.
 pub type Pick = (u32, u32, u32);
 
+/// `conv1x1_channels`'s record: output channels `chans` everywhere.
+pub struct Conv1x1Channels {
+    x: Var,
+    w: Var,
+    b: Var,
+    chans: Vec<usize>,
+}
+
+/// `conv1x1_at`'s record: `groups` channel groups at `picks`.
+pub struct Conv1x1At {
+    x: Var,
+    w: Var,
+    b: Var,
+    picks: Vec<Pick>,
+    groups: usize,
+}
+
 impl Tape {
-    /// Puts a batch's features on the tape (as input to the conv1x1 ops).
-    pub fn features(&mut self, f: Features) -> Feat {
-        self.features.push(f);
-        Feat(self.features.len() - 1)
-    }
-
-    pub fn feature_data(&self, f: Feat) -> &Features {
-        &self.features[f.0]
-    }
-
     /// The weight rows and biases of output channels `chans` of the conv
-    /// (w, b) on features `x`, checked against the features' cin.
-    pub(super) fn conv_rows_of(&self, op: &str, x: Feat, w: Var, b: Var, chans: &[usize]) -> (Vec<Vec<f32>>, Vec<f32>) {
+    /// (w, b) on feature map `x`, checked against the map's cin.
+    pub(super) fn conv_rows_of(&self, op: &str, x: Var, w: Var, b: Var, chans: &[usize]) -> (Vec<Vec<f32>>, Vec<f32>) {
         let wv = weight2(self.value(w));
         let bv = self.value(b);
-        assert_eq!(wv.ncols(), self.features[x.0].cin, "{op}: cin differs");
+        assert_eq!(wv.ncols(), self.map(x).cin, "{op}: cin differs");
         assert!(chans.iter().all(|&c| c < wv.nrows()), "{op}: channel out of range");
         (chans.iter().map(|&c| wv.row(c).to_vec()).collect(), chans.iter().map(|&c| bv[[c]]).collect())
     }
 
     /// See the file header.
-    pub fn conv1x1_channels(&mut self, x: Feat, w: Var, b: Var, chans: &[usize]) -> Var {
+    pub fn conv1x1_channels(&mut self, x: Var, w: Var, b: Var, chans: &[usize]) -> Var {
         let (wsel, bsel) = self.conv_rows_of("conv1x1_channels", x, w, b, chans);
         let wrefs: Vec<&[f32]> = wsel.iter().map(|w| w.as_slice()).collect();
-        let f = &self.features[x.0];
-        let (bs, sp) = (f.bs, f.sp);
+        let f = self.map(x);
+        let (bs, sp) = (f.bs, f.sp());
         let k = chans.len();
         let mut out = vec![0.0f32; bs * k * sp];
         out.par_chunks_mut(k * sp).enumerate().for_each(|(bi, ob)| with_slice!(f.image(bi), xb => conv_rows(&wrefs, &bsel, xb, sp, ob)));
         let v = ArrayD::from_shape_vec(IxDyn(&[bs * k * sp, 1]), out).unwrap();
-        self.push_op(v, Op::Conv1x1Channels { x, w, b, chans: chans.to_vec() }, &[w, b])
+        self.push_ext(v, Conv1x1Channels { x, w, b, chans: chans.to_vec() }, &[x, w, b])
     }
 
     /// See the file header.
-    pub fn conv1x1_at(&mut self, x: Feat, w: Var, b: Var, picks: &[Pick], groups: usize) -> Var {
-        let f = &self.features[x.0];
+    pub fn conv1x1_at(&mut self, x: Var, w: Var, b: Var, picks: &[Pick], groups: usize) -> Var {
+        let f = self.map(x);
+        let sp = f.sp();
         let wv = weight2(self.value(w));
         let bv = self.value(b);
         assert_eq!(wv.ncols(), f.cin, "conv1x1_at: cin differs");
@@ -71,15 +79,35 @@ impl Tape {
         let mut out = vec![0.0f32; picks.len() * kdim];
         let mut col = vec![0.0f32; f.cin];
         for (o, &(bi, si, g)) in out.chunks_exact_mut(kdim).zip(picks) {
-            assert!((bi as usize) < f.bs && (si as usize) < f.sp && (g as usize) < groups, "conv1x1_at: pick out of range");
-            with_slice!(f.image(bi as usize), xd => gather_col(xd, f.sp, si as usize, &mut col));
+            assert!((bi as usize) < f.bs && (si as usize) < sp && (g as usize) < groups, "conv1x1_at: pick out of range");
+            with_slice!(f.image(bi as usize), xd => gather_col(xd, sp, si as usize, &mut col));
             for (j, o) in o.iter_mut().enumerate() {
                 let r = g as usize * kdim + j;
                 *o = bv[[r]] + dot(wv.row(r).as_slice().unwrap(), &col);
             }
         }
         let v = ArrayD::from_shape_vec(IxDyn(&[picks.len(), kdim]), out).unwrap();
-        self.push_op(v, Op::Conv1x1At { x, w, b, picks: picks.to_vec(), groups }, &[w, b])
+        self.push_ext(v, Conv1x1At { x, w, b, picks: picks.to_vec(), groups }, &[x, w, b])
+    }
+}
+
+impl FusedOp for Conv1x1Channels {
+    fn name(&self) -> &'static str {
+        "Conv1x1Channels"
+    }
+
+    fn backward(&self, t: &Tape, g: ArrayD<f32>, acc: &mut GradAcc) {
+        channels_backward(t, self, g, acc)
+    }
+}
+
+impl FusedOp for Conv1x1At {
+    fn name(&self) -> &'static str {
+        "Conv1x1At"
+    }
+
+    fn backward(&self, t: &Tape, g: ArrayD<f32>, acc: &mut GradAcc) {
+        at_backward(t, self, g, acc)
     }
 }
 
@@ -98,9 +126,10 @@ fn bias_grad(db: &[f64]) -> ArrayD<f32> {
     ArrayD::from_shape_vec(IxDyn(&[db.len()]), db.iter().map(|&v| v as f32).collect()).unwrap()
 }
 
-pub fn channels_backward(t: &Tape, x: Feat, w: Var, b: Var, chans: &[usize], g: ArrayD<f32>, acc: &mut GradAcc) {
-    let f = &t.features[x.0];
-    let (cin, sp) = (f.cin, f.sp);
+fn channels_backward(t: &Tape, op: &Conv1x1Channels, g: ArrayD<f32>, acc: &mut GradAcc) {
+    let Conv1x1Channels { x, w, b, ref chans } = *op;
+    let f = t.map(x);
+    let (cin, sp) = (f.cin, f.sp());
     let g = if g.is_standard_layout() { g } else { g.as_standard_layout().into_owned() };
     let gd = g.as_slice().unwrap();
     let k = chans.len();
@@ -145,9 +174,9 @@ pub fn channels_backward(t: &Tape, x: Feat, w: Var, b: Var, chans: &[usize], g: 
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn at_backward(t: &Tape, x: Feat, w: Var, b: Var, picks: &[Pick], groups: usize, g: ArrayD<f32>, acc: &mut GradAcc) {
-    let f = &t.features[x.0];
+fn at_backward(t: &Tape, op: &Conv1x1At, g: ArrayD<f32>, acc: &mut GradAcc) {
+    let Conv1x1At { x, w, b, ref picks, groups } = *op;
+    let f = t.map(x);
     let g = if g.is_standard_layout() { g } else { g.as_standard_layout().into_owned() };
     let g2: ArrayView2<f32> = g.view().into_dimensionality().unwrap();
     let kdim = g2.ncols();
@@ -166,7 +195,7 @@ pub fn at_backward(t: &Tape, x: Feat, w: Var, b: Var, picks: &[Pick], groups: us
         let mut dw2 = w_rows(&mut dw);
         let mut col = vec![0.0f32; f.cin];
         for (gr, &(bi, si, gi)) in g2.axis_iter(Axis(0)).zip(picks) {
-            with_slice!(f.image(bi as usize), xd => gather_col(xd, f.sp, si as usize, &mut col));
+            with_slice!(f.image(bi as usize), xd => gather_col(xd, f.sp(), si as usize, &mut col));
             for (j, &gv) in gr.iter().enumerate() {
                 if gv != 0.0 {
                     axpy(dw2.row_mut(gi as usize * kdim + j).as_slice_mut().unwrap(), gv, &col);
@@ -180,26 +209,27 @@ pub fn at_backward(t: &Tape, x: Feat, w: Var, b: Var, picks: &[Pick], groups: us
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::features::FeatData;
+    use crate::features::{FeatData, Features};
     use half::f16;
     use crate::autograd::fd::{check, rand_array};
 
     /// The plain conv: y[b, o, s] = bias[o] + Σ_c w[o, c] x[b, c, s].
     fn conv(x: &ArrayD<f32>, w: &ArrayD<f32>, b: &ArrayD<f32>) -> ndarray::Array3<f32> {
-        let (bs, cin, sp) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        let (bs, cin, ny, nx) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
         let cout = w.shape()[0];
-        ndarray::Array3::from_shape_fn((bs, cout, sp), |(bi, o, s)| b[[o]] + (0..cin).map(|c| w[[o, c]] * x[[bi, c, s]]).sum::<f32>())
+        ndarray::Array3::from_shape_fn((bs, cout, ny * nx), |(bi, o, s)| b[[o]] + (0..cin).map(|c| w[[o, c]] * x[[bi, c, s / nx, s % nx]]).sum::<f32>())
     }
 
     #[test]
     fn channels_and_picks_equal_the_plain_conv() {
         let (bs, cin, sp, groups, kdim) = (2, 37, 21, 3, 4);
-        let x = rand_array(&[bs, cin, sp], 1, -1.0, 1.0);
+        let x = rand_array(&[bs, cin, 3, 7], 1, -1.0, 1.0);
         let w = rand_array(&[groups * kdim, cin], 2, -1.0, 1.0);
         let b = rand_array(&[groups * kdim], 3, -1.0, 1.0);
         let want = conv(&x, &w, &b);
         let mut t = Tape::new();
-        let (xv, wv, bv) = (t.features(Features::from_array(x)), t.constant(w), t.constant(b));
+        let (xv, wv, bv) = (t.input(Features::from_array(x)), t.constant(w), t.constant(b));
+        assert_eq!(t.shape(xv), &[bs, cin, 3, 7]);
         let chans = [2usize, 6, 10];
         let y = t.conv1x1_channels(xv, wv, bv, &chans);
         for bi in 0..bs {
@@ -221,14 +251,14 @@ mod tests {
 
     #[test]
     fn f16_features_give_the_f32_result_of_the_rounded_values() {
-        let (bs, cin, sp) = (2, 19, 45);
-        let x = rand_array(&[bs, cin, sp], 11, -2.0, 2.0).mapv(|v| f16::from_f32(v).to_f32());
+        let (bs, cin, ny, nx) = (2, 19, 5, 9);
+        let x = rand_array(&[bs, cin, ny, nx], 11, -2.0, 2.0).mapv(|v| f16::from_f32(v).to_f32());
         let w = rand_array(&[6, cin], 12, -1.0, 1.0);
         let b = rand_array(&[6], 13, -1.0, 1.0);
         let halves: Vec<half::f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
         let mut t = Tape::new();
-        let f32s = t.features(Features::from_array(x));
-        let f16s = t.features(Features { data: FeatData::F16(halves), bs, cin, sp });
+        let f32s = t.input(Features::from_array(x));
+        let f16s = t.input(Features { data: FeatData::F16(halves), bs, cin, ny, nx });
         let (wv, bv) = (t.param(w), t.param(b));
         let a = t.conv1x1_channels(f32s, wv, bv, &[4, 1]);
         let h = t.conv1x1_channels(f16s, wv, bv, &[4, 1]);
@@ -245,19 +275,19 @@ mod tests {
         let w = rand_array(&[6, cin, 1, 1], 5, -1.0, 1.0);
         let b = rand_array(&[6], 6, -1.0, 1.0);
         check(&[w, b], move |t, v| {
-            let f = t.features(Features::from_array(x.clone()));
+            let f = t.input(Features::from_array(x.clone()));
             t.conv1x1_channels(f, v[0], v[1], &[1, 4])
         });
     }
 
     #[test]
     fn at_grads_with_duplicate_picks() {
-        let (bs, cin, sp) = (2, 3, 5);
-        let x = rand_array(&[bs, cin, sp], 7, -1.0, 1.0);
+        let (bs, cin) = (2, 3);
+        let x = rand_array(&[bs, cin, 1, 5], 7, -1.0, 1.0);
         let w = rand_array(&[6, cin], 8, -1.0, 1.0);
         let b = rand_array(&[6], 9, -1.0, 1.0);
         check(&[w, b], move |t, v| {
-            let f = t.features(Features::from_array(x.clone()));
+            let f = t.input(Features::from_array(x.clone()));
             t.conv1x1_at(f, v[0], v[1], &[(0, 1, 1), (1, 4, 0), (0, 1, 1)], 2)
         });
     }

@@ -15,8 +15,8 @@
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
-use super::conv::contiguous;
-use super::tape::{GradAcc, Op, Tape, Var};
+use crate::autograd::conv::contiguous;
+use crate::autograd::tape::{FusedOp, GradAcc, Tape, Var};
 use crate::kernels::conv::{Mat, sgemm};
 
 fn dims(t: &Tape, x: Var, w: Var, na: usize) -> (usize, usize, usize, usize) {
@@ -24,6 +24,14 @@ fn dims(t: &Tape, x: Var, w: Var, na: usize) -> (usize, usize, usize, usize) {
     let ws = t.value(w).shape();
     assert!(xs.len() == 4 && ws.len() == 2 && ws[1] == xs[1] && ws[0] % na == 0, "head_rows: x {xs:?} and w {ws:?} do not fit na = {na}");
     (xs[0], xs[1], xs[2] * xs[3], ws[0] / na)
+}
+
+/// `head_rows`'s record.
+pub struct HeadRows {
+    x: Var,
+    w: Var,
+    b: Var,
+    na: usize,
 }
 
 impl Tape {
@@ -44,12 +52,22 @@ impl Tape {
             }
         });
         let v = ArrayD::from_shape_vec(IxDyn(&[n * na * p, no]), out).unwrap();
-        self.push_op(v, Op::HeadRows { x, w, b, na }, &[x, w, b])
+        self.push_ext(v, HeadRows { x, w, b, na }, &[x, w, b])
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn backward(t: &Tape, x: Var, w: Var, b: Var, na: usize, g: ArrayD<f32>, acc: &mut GradAcc) {
+impl FusedOp for HeadRows {
+    fn name(&self) -> &'static str {
+        "HeadRows"
+    }
+
+    fn backward(&self, t: &Tape, g: ArrayD<f32>, acc: &mut GradAcc) {
+        backward(t, self, g, acc)
+    }
+}
+
+fn backward(t: &Tape, op: &HeadRows, g: ArrayD<f32>, acc: &mut GradAcc) {
+    let HeadRows { x, w, b, na } = *op;
     let (n, cin, p, no) = dims(t, x, w, na);
     let gs = contiguous(&g);
     if acc.wants(b) {
