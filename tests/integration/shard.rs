@@ -128,9 +128,7 @@ fn four_shards_at_once_one_killed_and_rerun_equal_a_single_process_fill() {
     for (p, bytes) in &want {
         assert!(got[p] == *bytes, "{} differs between the sharded and the single-process fill", p.display());
     }
-    // no temporary file of the killed writer is left once the cache is reopened
-    // (or it is young and locked by nobody: then it is removed later); a whole-split
-    // fill finds nothing missing
+    // and a whole-split fill of the same directory finds nothing missing
     assert_eq!(counts(&json(&cache_cmd(&yaml, &sharded, &["--json"]).output().unwrap())), (0, N_IMAGES as u64, N_IMAGES as u64));
 }
 
