@@ -7,8 +7,9 @@
 // Backward is composed from the same pieces (as candle's backprop.rs does):
 // conv dW = dY · colᵀ, dX = col2im(Wᵀ · dY); the transposed conv is the
 // adjoint of a conv, so its forward is the conv's dX and its dX the conv's
-// forward. dW uses row dot products on large maps (see NT_MIN_P). dX is skipped when x needs no gradient (the tail's first layer
-// reads cached features), dW/db when the weights are frozen. The per-image
+// forward. dW uses row dot products on large maps (see NT_MIN_P). dX is
+// skipped when x needs no gradient (the tail's first layer reads cached
+// features), dW/db when the weights are frozen. The per-image
 // weight partials are summed in image order, so results do not depend on
 // the thread count.
 

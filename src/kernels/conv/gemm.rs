@@ -12,9 +12,9 @@
 // panels; an 8x48 register tile (24 zmm accumulators, 3 loads + 8 broadcasts
 // per 24 FMAs); each B micro-panel (KC x NR = 24 KiB) stays in L1 while every
 // A panel streams past it. `sgemm_nt_acc` needs no packing: a 4x6 tile of
-// dot products along the rows, 16 lanes wide, in PC-long chunks so that the
-// B rows stay in L1. Every element's summation order is fixed by the shapes
-// (k blocks / chunks in order), never by the thread count.
+// dot products along the rows, 16 lanes wide, in PC-long chunks, each ending
+// in 24 horizontal sums. Every element's summation order is fixed by the
+// shapes (k blocks / chunks in order), never by the thread count.
 
 use std::sync::OnceLock;
 
