@@ -251,3 +251,95 @@ impl Run {
         Ok(r)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn opts(reinit_head: bool) -> TrainOptions {
+        TrainOptions {
+            weights: "m.onnx".into(),
+            data: "d.yaml".into(),
+            epochs: 1,
+            batch_size: 1,
+            imgsz: 64,
+            hyp: crate::train::hyp::TrainHyp::default(),
+            train: TrainWhat::Cls,
+            reinit_head,
+            optimizer: crate::train::optim::OptimizerKind::Sgd,
+            cos_lr: false,
+            label_smoothing: 0.0,
+            lr_box: 1.0,
+            lr_obj: 1.0,
+            lr_cls: 1.0,
+            seed: 0,
+            patience: 0,
+            save_period: -1,
+            save_dir: "r".into(),
+            cache_dir: "c".into(),
+            dtype: crate::cache::Dtype::F16,
+            freeze: crate::graph::cut::HEAD_ONLY,
+            add_classes: true,
+            pseudo_labels: true,
+            engine: Default::default(),
+            progress: false,
+        }
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn head() -> Head {
+        let no = 7;
+        Head {
+            nc: 2,
+            names: names(&["car", "bus"]),
+            strides: vec![8.0],
+            anchors: vec![vec![[1.0, 2.0], [3.0, 4.0]]],
+            weights: vec![Array2::from_shape_fn((2 * no, 4), |(r, c)| (r * 10 + c) as f32 * 0.1)],
+            biases: vec![Array1::from_shape_fn(2 * no, |r| r as f32)],
+        }
+    }
+
+    #[test]
+    fn plan_matches_names_and_refuses_what_it_cannot_do() {
+        let p = plan(&names(&["car", "bus"]), &names(&["Ambulance", "BUS"]), &opts(false)).unwrap();
+        assert_eq!((p.base_nc, p.data_to_model.clone(), p.added.clone()), (2, vec![2, 1], names(&["Ambulance"])));
+        assert_eq!(p.describe(), "add classes: 2 → 3 classes; matched by name: BUS = bus (class 1); new: Ambulance (class 2)");
+        let e = plan(&names(&["car", "bus"]), &names(&["Car"]), &opts(false)).unwrap_err().to_string();
+        assert!(e.contains("no new class") && e.contains("d.yaml"), "{e}");
+        assert!(plan(&names(&["car"]), &names(&["x"]), &opts(true)).unwrap_err().to_string().contains("--reinit-head"));
+    }
+
+    #[test]
+    fn the_extended_head_keeps_every_old_row_and_freezes_them() {
+        let pre = head();
+        let h = extend_head(&pre, &names(&["ambulance"]), &mut ChaCha8Rng::seed_from_u64(1));
+        assert_eq!((h.nc, h.names.clone()), (3, names(&["car", "bus", "ambulance"])));
+        for a in 0..2 {
+            for k in 0..7 {
+                assert_eq!(h.weights[0].row(a * 8 + k), pre.weights[0].row(a * 7 + k));
+                assert_eq!(h.biases[0][a * 8 + k].to_bits(), pre.biases[0][a * 7 + k].to_bits());
+            }
+            // YOLOv5's class prior with the extended nc, plus U(±1/√cin)
+            let prior = (0.6f64 / (3.0 - 0.99)).ln() as f32;
+            assert!((h.biases[0][a * 8 + 7] - prior).abs() <= 0.5);
+        }
+        let lr = cls_row_lr(&h, 2, 0.5);
+        assert_eq!(lr, vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5]);
+    }
+
+    #[test]
+    fn pseudo_labels_are_the_detections_no_label_covers() {
+        // two detections in a 100 px image: one on the label, one elsewhere
+        let det = ndarray::arr2(&[[10.0f32, 10.0, 30.0, 30.0, 0.9, 1.0], [60.0, 60.0, 110.0, 90.0, 0.8, 0.0]]);
+        let targets = [[1.0f32, 0.205, 0.2, 0.2, 0.2]];
+        let t = unlabelled(det.view(), &targets, 100.0);
+        assert_eq!(t.len(), 1);
+        // clipped to the image: x2 110 -> 100
+        let want = [0.0, 0.8, 0.75, 0.4, 0.3];
+        assert!(t[0].iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{:?}", t[0]);
+    }
+}
