@@ -10,7 +10,7 @@
 
 use anyhow::Result;
 
-use super::{ConvGeometry, conv_geometry};
+use super::conv_geometry;
 use crate::graph::onnx::{ConstTensor, pb};
 use crate::kernels::conv::Geom;
 
@@ -69,8 +69,7 @@ impl ConvSpec {
 
 /// See the file header.
 pub fn parse(node: &pb::NodeProto, consts: &dyn Fn(&str) -> Option<ConstTensor>) -> Result<ConvSpec> {
-    let ConvGeometry { kernel, strides, pads, dilations, groups, bias } = conv_geometry(node, consts)?;
-    Ok(ConvSpec { kernel, strides, pads, dilations, groups, bias })
+    conv_geometry(node, consts)
 }
 
 #[cfg(test)]

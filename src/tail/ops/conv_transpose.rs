@@ -15,7 +15,7 @@
 use anyhow::Result;
 
 use super::conv::ConvSpec;
-use super::{ConvGeometry, attr, attr_hw, conv_geometry, node_err};
+use super::{attr, attr_hw, conv_geometry, node_err};
 use crate::graph::onnx::{ConstTensor, pb};
 use crate::kernels::conv::Geom;
 
@@ -64,7 +64,7 @@ pub fn parse(node: &pb::NodeProto, consts: &dyn Fn(&str) -> Option<ConstTensor>)
     if attr(node, "output_shape").is_some() {
         return Err(node_err(node, "ConvTranspose with output_shape is not supported (only explicit pads); re-export without it"));
     }
-    let ConvGeometry { kernel, strides, pads, dilations, groups, bias } = conv_geometry(node, consts)?;
+    let ConvSpec { kernel, strides, pads, dilations, groups, bias } = conv_geometry(node, consts)?;
     let output_padding = attr_hw(node, "output_padding", [0, 0], 0)?;
     for i in 0..2 {
         if output_padding[i] >= strides[i].max(dilations[i]) {

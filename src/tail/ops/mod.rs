@@ -118,26 +118,13 @@ pub(crate) fn check_auto_pad(node: &pb::NodeProto, pads: [usize; 4]) -> Result<(
     }
 }
 
-/// What ONNX Conv and ConvTranspose nodes share (see conv.rs and
-/// conv_transpose.rs for what each means by it).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct ConvGeometry {
-    pub kernel: [usize; 2],
-    pub strides: [usize; 2],
-    /// `[top, left, bottom, right]`.
-    pub pads: [usize; 4],
-    pub dilations: [usize; 2],
-    pub groups: usize,
-    /// Whether the node has a bias input.
-    pub bias: bool,
-}
-
 /// The checks and attributes of a Conv or ConvTranspose node: inputs X, W and
 /// an optional B; a constant W is 4-D, gives `kernel_shape` when that is
 /// absent and must agree with it when present, and its first dimension
 /// (Conv: output channels, ConvTranspose: input channels) splits into
-/// `group`s; explicit pads only.
-pub(crate) fn conv_geometry(node: &pb::NodeProto, consts: &dyn Fn(&str) -> Option<ConstTensor>) -> Result<ConvGeometry> {
+/// `group`s; explicit pads only. A Conv's spec is this geometry itself; a
+/// ConvTranspose adds `output_padding`.
+pub(crate) fn conv_geometry(node: &pb::NodeProto, consts: &dyn Fn(&str) -> Option<ConstTensor>) -> Result<ConvSpec> {
     let op = node.op_type.as_str();
     let (what, dim0) = if op == "ConvTranspose" { ("transposed convolutions", "input") } else { ("convolutions", "output") };
     if node.input.len() < 2 || node.input.len() > 3 {
@@ -166,7 +153,7 @@ pub(crate) fn conv_geometry(node: &pb::NodeProto, consts: &dyn Fn(&str) -> Optio
     {
         return Err(node_err(node, format!("{} {dim0} channels do not split into {groups} groups", d[0])));
     }
-    Ok(ConvGeometry {
+    Ok(ConvSpec {
         kernel,
         strides: attr_hw(node, "strides", [1, 1], 1)?,
         pads,
@@ -220,7 +207,7 @@ mod tests {
     fn conv_geometry_reads_attributes_and_takes_the_kernel_from_the_weight() {
         let n = node("Conv", "c", &["x", "w", "b"], vec![ints("pads", &[0, 1, 2, 3]), ints("strides", &[2, 1]), ints("dilations", &[1, 2]), int("group", 2)]);
         let g = conv_geometry(&n, &weight(&[4, 3, 3, 2])).unwrap();
-        assert_eq!(g, ConvGeometry { kernel: [3, 2], strides: [2, 1], pads: [0, 1, 2, 3], dilations: [1, 2], groups: 2, bias: true });
+        assert_eq!(g, ConvSpec { kernel: [3, 2], strides: [2, 1], pads: [0, 1, 2, 3], dilations: [1, 2], groups: 2, bias: true });
         // a dynamic weight needs kernel_shape; an empty B input is no bias
         let n = node("ConvTranspose", "t", &["x", "w", ""], vec![ints("kernel_shape", &[2, 2])]);
         let g = conv_geometry(&n, &none).unwrap();
