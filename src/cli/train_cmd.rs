@@ -293,7 +293,12 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
         eprintln!("note: every row's learning-rate multiplier is 0: the head does not change (the epochs only validate it)");
     }
     let freeze = a.freeze.unwrap_or_else(train::default_freeze);
-    let sparse = train::sparse::resolve(train, freeze, a.sparse, a.dense)?;
+    // --add-classes validates on the dataset's classes among the model's
+    // (val::classes), which the sparse validation does not do yet: dense
+    if a.add_classes && a.sparse {
+        bail!("--sparse does not work with --add-classes yet; drop --sparse (--add-classes trains densely)");
+    }
+    let sparse = !a.add_classes && train::sparse::resolve(train, freeze, a.sparse, a.dense)?;
     let model = Model::load(&weights)?;
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
     let project = a.project.clone().unwrap_or_else(|| PathBuf::from("runs/train"));

@@ -281,6 +281,7 @@ mod tests {
             dtype: crate::cache::Dtype::F16,
             freeze: crate::graph::cut::HEAD_ONLY,
             add_classes: true,
+            sparse: false,
             pseudo_labels: true,
             engine: Default::default(),
             progress: false,
