@@ -259,7 +259,7 @@ fn class_loss(t: &mut Tape, cfg: &LossConfig, split: &SparseSplit, idx: &[usize]
                 k += 1;
             }
         }
-        let f = t.input(Features::from_array(ArrayD::from_shape_vec(IxDyn(&[1, c, n]), x).expect("[1, C, n]")));
+        let f = t.input(Features::from_array(ArrayD::from_shape_vec(IxDyn(&[1, c, 1, n]), x).expect("[1, C, 1, n]")));
         let ps = t.conv1x1_at(f, w[l], b[l], &picks, na);
         let pcls = t.slice_cols(ps, 5, no);
         let lc = crate::loss::compute::bce_mean(t, pcls, tc.into_dyn(), cfg.hyp.cls_pw, cfg.hyp.fl_gamma);
