@@ -53,7 +53,7 @@ def ours(a, n: int, runs: Path, rep: int) -> dict:
     info = json.loads(subprocess.run([a.bin, "inspect", a.weights, "--freeze", str(n), "--json"], capture_output=True, text=True, check=True).stdout)
     cut = info["freeze"]
     out, rss = timed([a.bin, "train", "--weights", a.weights, "--data", a.data, "--freeze", str(n), "--epochs", str(a.epochs),
-                      "--batch-size", "16", "--project", str(runs), "--name", f"n{n}-r{rep}", "--exist-ok"])
+                      "--batch-size", "16", *(["--cache-dir", a.cache_dir] if a.cache_dir else []), "--project", str(runs), "--name", f"n{n}-r{rep}", "--exist-ok"])
     rows = [(float(m), float(t), float(v)) for m, t, v in EPOCH_LINE.findall(out)]
     if not rows:
         sys.exit(f"error: no epoch lines in freezesplit's output:\n{out[-3000:]}")
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--cache-dir", help="freezesplit's cache (default: its own default)")
     a = ap.parse_args()
     runs = Path(tempfile.mkdtemp(prefix="bench-freeze-"))
     results: dict[tuple[str, int], list[dict]] = {}
