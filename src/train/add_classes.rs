@@ -19,8 +19,7 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, Result, bail};
-use ndarray::{Array1, Array2, s};
-use rand::Rng;
+use ndarray::Array2;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
@@ -92,30 +91,9 @@ impl AddClasses {
 /// old rows copied, new rows as YOLOv5 initialises class rows (uniform
 /// ±1/√fan_in, bias plus `log(0.6 / (nc − 0.99))` with the extended nc).
 pub fn extend_head(pre: &Head, added: &[String], rng: &mut ChaCha8Rng) -> Head {
-    let nc = pre.nc + added.len();
-    let (na, old_no, no) = (pre.na(), pre.no(), nc + 5);
-    let prior = (0.6 / (nc as f64 - 0.99)).ln() as f32;
-    let mut weights = Vec::new();
-    let mut biases = Vec::new();
-    for (w, b) in pre.weights.iter().zip(&pre.biases) {
-        let cin = w.ncols();
-        let bound = 1.0 / (cin as f32).sqrt();
-        let mut nw = Array2::<f32>::zeros((na * no, cin));
-        let mut nb = Array1::<f32>::zeros(na * no);
-        for a in 0..na {
-            nw.slice_mut(s![a * no..a * no + old_no, ..]).assign(&w.slice(s![a * old_no..(a + 1) * old_no, ..]));
-            nb.slice_mut(s![a * no..a * no + old_no]).assign(&b.slice(s![a * old_no..(a + 1) * old_no]));
-            for row in a * no + old_no..(a + 1) * no {
-                nw.row_mut(row).mapv_inplace(|_| rng.random_range(-bound..bound));
-                nb[row] = rng.random_range(-bound..bound) + prior;
-            }
-        }
-        weights.push(nw);
-        biases.push(nb);
-    }
-    let mut names = pre.names.clone();
-    names.extend(added.iter().cloned());
-    Head { nc, names, strides: pre.strides.clone(), anchors: pre.anchors.clone(), weights, biases }
+    let old_no = pre.no();
+    let names = pre.names.iter().chain(added).cloned().collect();
+    super::init::with_class_rows(pre, names, |k| k < old_no, rng)
 }
 
 /// `--train cls`: only the new class rows train (multiplier `--lr-cls`);
@@ -256,6 +234,7 @@ impl Run {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+    use ndarray::Array1;
 
     fn opts(reinit_head: bool) -> TrainOptions {
         TrainOptions {

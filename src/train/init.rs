@@ -20,6 +20,13 @@ fn uniform(rng: &mut ChaCha8Rng, bound: f32) -> f32 {
 
 /// Replaces the class set: box/objectness rows kept, class rows initialised.
 pub fn new_class_head(pre: &Head, names: &[String], rng: &mut ChaCha8Rng) -> Head {
+    with_class_rows(pre, names.to_vec(), |k| k < 5, rng)
+}
+
+/// A head of `names.len()` classes: row k of each anchor's block is `pre`'s
+/// row k where `kept(k)`, else a fresh class row as YOLOv5 initialises one
+/// (uniform ±1/√fan_in, bias plus `log(0.6 / (nc − 0.99))`), drawn in row order.
+pub fn with_class_rows(pre: &Head, names: Vec<String>, kept: impl Fn(usize) -> bool, rng: &mut ChaCha8Rng) -> Head {
     let nc = names.len();
     let (na, old_no, no) = (pre.na(), pre.no(), nc + 5);
     let prior = (0.6 / (nc as f64 - 0.99)).ln() as f32;
@@ -33,7 +40,7 @@ pub fn new_class_head(pre: &Head, names: &[String], rng: &mut ChaCha8Rng) -> Hea
         for a in 0..na {
             for k in 0..no {
                 let row = a * no + k;
-                if k < 5 {
+                if kept(k) {
                     nw.row_mut(row).assign(&w.row(a * old_no + k));
                     nb[row] = b[a * old_no + k];
                 } else {
@@ -45,7 +52,7 @@ pub fn new_class_head(pre: &Head, names: &[String], rng: &mut ChaCha8Rng) -> Hea
         weights.push(nw);
         biases.push(nb);
     }
-    Head { nc, names: names.to_vec(), strides: pre.strides.clone(), anchors: pre.anchors.clone(), weights, biases }
+    Head { nc, names, strides: pre.strides.clone(), anchors: pre.anchors.clone(), weights, biases }
 }
 
 /// `--reinit-head`: every row re-initialised as YOLOv5 does for a new model,
