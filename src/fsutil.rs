@@ -37,6 +37,14 @@ pub fn write_atomic_unsynced(path: &Path, bytes: &[u8]) -> Result<()> {
     write(path, bytes, false)
 }
 
+/// A new temporary directory under the system's (TMPDIR), named `prefix…`;
+/// the error says which directory failed and what to do.
+pub fn temp_dir(prefix: &str, what: &str) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix(prefix).tempdir().with_context(|| {
+        format!("cannot create a temporary directory for {what} in {}; set TMPDIR to a writable directory", std::env::temp_dir().display())
+    })
+}
+
 /// A new, locked temporary file in `dir`, mode 0666 minus the umask.
 fn create_tmp(dir: &Path) -> Result<tempfile::NamedTempFile> {
     let mut b = tempfile::Builder::new();

@@ -70,6 +70,10 @@ pub struct TrainArgs {
     /// Learning-rate multiplier of the class rows [default: the hyp's lr_cls]
     #[arg(long)]
     pub lr_cls: Option<f64>,
+    /// Learning-rate multiplier of the layers below the head that train with
+    /// --freeze under 24 [default: the hyp's lr_tail]
+    #[arg(long)]
+    pub lr_tail: Option<f64>,
     /// [default: 0]
     #[arg(long)]
     pub seed: Option<u64>,
@@ -166,6 +170,7 @@ impl TrainArgs {
             ("--label-smoothing", self.label_smoothing.is_some()),
             ("--lr-box", self.lr_box.is_some()),
             ("--lr-obj", self.lr_obj.is_some()),
+            ("--lr-tail", self.lr_tail.is_some()),
             ("--lr-cls", self.lr_cls.is_some()),
             ("--seed", self.seed.is_some()),
             ("--patience", self.patience.is_some()),
@@ -260,6 +265,7 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
     hyp.lr_box = a.lr_box.unwrap_or(hyp.lr_box);
     hyp.lr_obj = a.lr_obj.unwrap_or(hyp.lr_obj);
     hyp.lr_cls = a.lr_cls.unwrap_or(hyp.lr_cls);
+    hyp.lr_tail = a.lr_tail.unwrap_or(hyp.lr_tail);
     let [lr_box, lr_obj, lr_cls] = [hyp.lr_box, hyp.lr_obj, hyp.lr_cls];
     if epochs == 0 {
         bail!("--epochs must be at least 1, got 0");
@@ -267,7 +273,7 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
     if batch_size == 0 {
         bail!("--batch-size must be at least 1, got 0");
     }
-    for (flag, v) in [("--lr-box", a.lr_box), ("--lr-obj", a.lr_obj), ("--lr-cls", a.lr_cls)] {
+    for (flag, v) in [("--lr-box", a.lr_box), ("--lr-obj", a.lr_obj), ("--lr-cls", a.lr_cls), ("--lr-tail", a.lr_tail)] {
         if let Some(v) = v
             && !(v >= 0.0 && v.is_finite())
         {

@@ -121,7 +121,7 @@ pub fn run(a: ValArgs) -> Result<()> {
             // temporary directory that must outlive validate_items
             let _tmp = match &tail {
                 Some(net) => {
-                    let tmp = tempfile::Builder::new().prefix("freezesplit-val-").tempdir()?;
+                    let tmp = crate::fsutil::temp_dir("freezesplit-val-", "the tail's outputs on the val images")?;
                     let shapes: Vec<[usize; 3]> = (0..cut.crossing.len()).map(|i| cut.shape(i, imgsz)).collect();
                     items = crate::train::tail::val_items(net, &items, &shapes, a.batch_size, tmp.path())?;
                     Some(tmp)

@@ -4,7 +4,9 @@
 //!
 //! Besides YOLOv5's keys a hyp may carry `lr_box`, `lr_obj` and `lr_cls`: the
 //! learning-rate multipliers of the head's box, objectness and class rows
-//! (YOLOv5's files lack them, so they train every row alike, multiplier 1).
+//! (YOLOv5's files lack them, so they train every row alike, multiplier 1),
+//! and `lr_tail`: the multiplier of the trained layers before the head
+//! (`--freeze N` below 24).
 //! `train`'s default is the preset `hyp.finetune` (hyp.finetune.yaml, embedded):
 //! fine-tuning a pretrained head wants its box rows moved gently, which YOLOv5's
 //! from-scratch values do not (issue 10, item 15; README "Train the head").
@@ -47,6 +49,10 @@ pub struct TrainHyp {
     /// Learning-rate multiplier of the class rows.
     #[serde(default = "one")]
     pub lr_cls: f64,
+    /// Learning-rate multiplier of the layers N..23 that train below
+    /// `--freeze 24` (their weights and biases alike).
+    #[serde(default = "one")]
+    pub lr_tail: f64,
     /// Keys of the file that only augmentation uses, with their values.
     #[serde(skip)]
     pub not_applied: BTreeMap<String, f64>,
@@ -92,6 +98,7 @@ impl Default for TrainHyp {
             lr_box: 1.0,
             lr_obj: 1.0,
             lr_cls: 1.0,
+            lr_tail: 1.0,
             not_applied: BTreeMap::new(),
         }
     }
@@ -159,6 +166,7 @@ impl TrainHyp {
                 "lr_box" => &mut h.lr_box,
                 "lr_obj" => &mut h.lr_obj,
                 "lr_cls" => &mut h.lr_cls,
+                "lr_tail" => &mut h.lr_tail,
                 k if AUGMENTATION_KEYS.contains(&k) => {
                     h.not_applied.insert(key.clone(), v);
                     continue;
@@ -276,18 +284,19 @@ mod tests {
 
     #[test]
     fn multiplier_keys_are_read_checked_and_written_back() {
-        let h = TrainHyp::parse("lr_box: 0.1\nlr_obj: 0.5\nlr_cls: 0\n").unwrap();
-        assert_eq!((h.lr_box, h.lr_obj, h.lr_cls), (0.1, 0.5, 0.0));
+        let h = TrainHyp::parse("lr_box: 0.1\nlr_obj: 0.5\nlr_cls: 0\nlr_tail: 0.2\n").unwrap();
+        assert_eq!((h.lr_box, h.lr_obj, h.lr_cls, h.lr_tail), (0.1, 0.5, 0.0, 0.2));
         let yaml = h.to_yaml();
-        assert!(yaml.contains("lr_box: 0.1"), "{yaml}");
+        assert!(yaml.contains("lr_box: 0.1") && yaml.contains("lr_tail: 0.2"), "{yaml}");
         assert_eq!(TrainHyp::parse(&yaml).unwrap(), h);
         let e = TrainHyp::parse("lr_box: -0.1\n").unwrap_err();
         assert!(format!("{e:#}").contains("`lr_box` must be a non-negative number"), "{e:#}");
         // an opt.yaml written before these keys existed still loads, with multipliers 1
         let mut old: serde_yaml::Mapping = serde_yaml::from_str(&TrainHyp::default().to_yaml()).unwrap();
         old.remove("lr_box");
+        old.remove("lr_tail");
         let back: TrainHyp = serde_yaml::from_value(serde_yaml::Value::Mapping(old)).unwrap();
-        assert_eq!(back.lr_box, 1.0);
+        assert_eq!((back.lr_box, back.lr_tail), (1.0, 1.0));
     }
 
     #[test]

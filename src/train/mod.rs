@@ -159,7 +159,7 @@ impl State {
     fn new(run: &Run, opts: &TrainOptions) -> State {
         let mut params = run.layout.params(&run.head0, &run.row_lr);
         if let Some(t) = run.tail.as_ref().filter(|t| t.trains) {
-            tail::add_params(&t.net, &mut params);
+            tail::add_params(&t.net, &mut params, opts.hyp.lr_tail);
         }
         State {
             optimizer: Optimizer::new(opts.optimizer, &params, run.weight_decay),

@@ -36,11 +36,13 @@ pub struct TailRun {
 }
 
 /// Adds the tail's tensors to the store: conv weights with weight decay,
-/// biases (BatchNorm folded into the conv) without, as YOLOv5 groups them.
-pub fn add_params(net: &TailNet, store: &mut ParamStore) {
+/// biases (BatchNorm folded into the conv) without, as YOLOv5 groups them;
+/// every row at the hyp's `lr_tail` multiplier (1: YOLOv5's single rate).
+pub fn add_params(net: &TailNet, store: &mut ParamStore, lr_tail: f64) {
     for (name, v) in &net.params {
         let group = if v.ndim() > 1 { Group::Decay } else { Group::NoDecay };
-        store.insert(name, Param { value: v.clone(), group, row_lr: None });
+        let row_lr = (lr_tail != 1.0).then(|| vec![lr_tail as f32; v.shape()[0]]);
+        store.insert(name, Param { value: v.clone(), group, row_lr });
     }
 }
 

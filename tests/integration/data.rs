@@ -96,6 +96,24 @@ fn a_roboflow_export_caches_and_validates_as_it_ships() {
         .output()
         .unwrap();
     assert_eq!(ok_json(&out)["instances"], 4);
+    // below N = 24 it needs one, and says where it tried and what to do (a
+    // model with numbered layers, whose COCO names include the yaml's)
+    let coco_yaml = dir.path().join("data-coco-names.yaml");
+    std::fs::write(&coco_yaml, std::fs::read_to_string(&yaml).unwrap().replace("['circle', 'square', 'triangle']", "['person', 'bicycle', 'car']")).unwrap();
+    let out = Command::new(common::bin())
+        .args(["val", "--json", "--engine", "tract", "--freeze", "17", "--weights"])
+        .arg(common::root().join("models/tiny-320-op17.onnx"))
+        .arg("--data")
+        .arg(&coco_yaml)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .env("TMPDIR", dir.path().join("no-such-tmp"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let want = format!("error: cannot create a temporary directory for the tail's outputs on the val images in {}; set TMPDIR to a writable directory", dir.path().join("no-such-tmp").display());
+    assert!(err.lines().any(|l| l.starts_with(&want)), "{err}");
 
     // the test split has images but no labels: refused, naming where labels were looked for
     let out = run(&["val", "--json", "--split", "test"], &yaml, &cache);
