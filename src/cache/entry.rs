@@ -32,7 +32,7 @@ const ALIGN: usize = 64;
 pub enum Dtype {
     F16,
     F32,
-    /// 8 bits a value with a scale and offset per channel (`cache::q8`).
+    /// 8 bits a value, with a scale and an offset per channel: about half of f16's bytes
     Q8,
 }
 
