@@ -6,7 +6,7 @@
 //! ```text
 //! CACHE_DIR/<graph key>/frozen.onnx      the frozen graph the features come from
 //! CACHE_DIR/<graph key>/cache.json       imgsz, freeze, levels (the crossing tensors), source model
-//! CACHE_DIR/<graph key>/f16/ab/<image key>.feat
+//! CACHE_DIR/<graph key>/f16/ab/<image key>.feat  (f32/, q8/ for --dtype f32, q8)
 //! ```
 //! The graph key hashes the frozen graph bytes, imgsz and the preprocessing
 //! version; the image key hashes the image file's bytes. The frozen graph's
@@ -24,6 +24,7 @@
 
 pub mod build;
 pub mod entry;
+pub mod q8;
 pub mod shard;
 pub mod sparse;
 
@@ -136,7 +137,7 @@ impl FeatureCache {
     pub fn remove_orphans(&self) -> usize {
         let min_age = crate::fsutil::ORPHAN_MIN_AGE;
         let mut n = crate::fsutil::remove_orphans(&self.dir, min_age);
-        for dtype in [Dtype::F16, Dtype::F32] {
+        for dtype in Dtype::ALL {
             for shard in std::fs::read_dir(self.dir.join(dtype.name())).into_iter().flatten().flatten() {
                 n += crate::fsutil::remove_orphans(&shard.path(), min_age);
             }
@@ -156,13 +157,18 @@ impl FeatureCache {
         self.dir.join(dtype.name()).join(&image_key[..2]).join(format!("{image_key}.feat"))
     }
 
-    /// The verified entry of an image, if cached; a damaged entry counts as absent.
+    /// The verified entry of an image, if cached; a damaged entry, or one of
+    /// another dtype (misplaced by hand), counts as absent.
     pub fn get(&self, image_key: &str, dtype: Dtype) -> Option<Entry> {
         let p = self.entry_path(image_key, dtype);
         if !p.exists() {
             return None;
         }
         match Entry::open(&p) {
+            Ok(e) if e.header.dtype != dtype => {
+                eprintln!("warning: cache entry {} holds {} features in the {} directory; it will be recomputed", p.display(), e.header.dtype.name(), dtype.name());
+                None
+            }
             Ok(e) => Some(e),
             Err(e) => {
                 eprintln!("warning: {e:#}; it will be recomputed");

@@ -96,6 +96,7 @@ fn freeze_json(c: &Cut, model: &Model, imgsz: usize) -> serde_json::Value {
         "crossing": crossing,
         "imgsz": imgsz,
         "bytes_per_image_f16": c.bytes_per_image(imgsz, Dtype::F16),
+        "bytes_per_image_q8": c.bytes_per_image(imgsz, Dtype::Q8),
         "trainable_params": c.trainable_params(model),
         "tail_nodes": c.tail_nodes.len(),
     })
@@ -112,6 +113,7 @@ fn render_cut(c: &Cut, model: &Model, imgsz: usize) -> String {
         out.push_str(&format!("      layer {layer:>2}  {:<16} stride {:>2}  `{}`\n", format!("{:?}", c.shape(i, imgsz)), x.stride, x.name));
     }
     let bytes = c.bytes_per_image(imgsz, Dtype::F16);
-    out.push_str(&format!("    cache per image: {bytes} bytes of f16 features ({:.2} MB)\n", bytes as f64 / 1e6));
+    let q8 = c.bytes_per_image(imgsz, Dtype::Q8);
+    out.push_str(&format!("    cache per image: {bytes} bytes of f16 features ({:.2} MB); {q8} with --dtype q8 ({:.2} MB)\n", bytes as f64 / 1e6, q8 as f64 / 1e6));
     out
 }

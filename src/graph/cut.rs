@@ -77,7 +77,7 @@ impl Cut {
     /// Bytes of feature data one cache entry holds at `imgsz` (the entry file
     /// adds a header of a few hundred bytes).
     pub fn bytes_per_image(&self, imgsz: usize, dtype: Dtype) -> usize {
-        (0..self.crossing.len()).map(|i| self.shape(i, imgsz).iter().product::<usize>()).sum::<usize>() * dtype.size()
+        (0..self.crossing.len()).map(|i| self.shape(i, imgsz)).map(|[c, h, w]| dtype.level_bytes(c, h, w)).sum()
     }
 
     /// Parameters that train at this cut: the tail's weights and the head

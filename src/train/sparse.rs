@@ -158,6 +158,7 @@ pub fn build_entry(e: &Entry, targets: &[[f32; 5]], head: &Head, cfg: &LossConfi
         let x16: Vec<f16> = match e.level_raw(l) {
             FeatSlice::F16(x) => x.to_vec(),
             FeatSlice::F32(x) => x.iter().map(|&v| f16::from_f32(v)).collect(),
+            q8 @ FeatSlice::Q8(_) => q8.to_f32_vec().into_iter().map(f16::from_f32).collect(),
         };
         let n = lt.len();
         let mut lvl = SparseLevel { feats: Vec::with_capacity(n * c), anchor: lt.a.iter().map(|&a| a as u32).collect(), target: lt.tcls.iter().map(|&t| t as u32).collect(), one_minus_iou: vec![] };

@@ -197,12 +197,14 @@ pub fn decode_entry(head: &Head, e: &Entry, min_obj: f64) -> Array2<f32> {
     use crate::features::FeatSlice;
     let hw = |i: usize| (e.header.shapes[i][1], e.header.shapes[i][2]);
     let n = e.header.shapes.len();
-    // one dtype per entry (its header's)
+    // one dtype per entry (its header's); q8 is dequantised first
+    let q8: Vec<Vec<f32>> = (0..n).map(|i| if let q @ FeatSlice::Q8(_) = e.level_raw(i) { q.to_f32_vec() } else { Vec::new() }).collect();
     let (mut halves, mut floats) = (Vec::new(), Vec::new());
     for i in 0..n {
         match e.level_raw(i) {
             FeatSlice::F16(x) => halves.push((x, hw(i).0, hw(i).1)),
             FeatSlice::F32(x) => floats.push((x, hw(i).0, hw(i).1)),
+            FeatSlice::Q8(_) => floats.push((&q8[i][..], hw(i).0, hw(i).1)),
         }
     }
     if halves.is_empty() { head.decode_above(&floats, min_obj) } else { head.decode_above(&halves, min_obj) }

@@ -89,10 +89,15 @@ fn build_image(head: &Head, it: &ValItem, opts: &ValOptions) -> Result<Image> {
     let n = e.header.shapes.len();
     let hw = |i: usize| (e.header.shapes[i][1], e.header.shapes[i][2]);
     let (mut cand, mut cols) = (Vec::new(), Vec::new());
+    let q8: Vec<Vec<f32>> = (0..n).map(|i| if let q @ FeatSlice::Q8(_) = e.level_raw(i) { q.to_f32_vec() } else { Vec::new() }).collect();
     let (mut halves, mut floats) = (Vec::new(), Vec::new());
     for i in 0..n {
         let sp = hw(i).0 * hw(i).1;
         match e.level_raw(i) {
+            FeatSlice::Q8(_) => {
+                candidates(head, i, &q8[i][..], sp, opts.conf_thres, &mut cand, &mut cols);
+                floats.push((&q8[i][..], hw(i).0, hw(i).1));
+            }
             FeatSlice::F16(x) => {
                 candidates(head, i, x, sp, opts.conf_thres, &mut cand, &mut cols);
                 halves.push((x, hw(i).0, hw(i).1));

@@ -15,6 +15,7 @@ mod letterbox;
 mod loss_parity;
 mod metrics_parity;
 mod predict;
+mod q8;
 mod tail;
 mod robust;
 mod shard;

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use crate::autograd::matmul::weight2;
 use crate::autograd::tape::{FusedOp, GradAcc, Tape, Var};
-use crate::kernels::{axpy, conv_rows, dot, dots, gather_col};
+use crate::kernels::{axpy, conv_rows, dot, dots};
 use crate::with_slice;
 
 /// `(image, position, group)` of one gathered output row.
@@ -80,7 +80,7 @@ impl Tape {
         let mut col = vec![0.0f32; f.cin];
         for (o, &(bi, si, g)) in out.chunks_exact_mut(kdim).zip(picks) {
             assert!((bi as usize) < f.bs && (si as usize) < sp && (g as usize) < groups, "conv1x1_at: pick out of range");
-            with_slice!(f.image(bi as usize), xd => gather_col(xd, sp, si as usize, &mut col));
+            f.image(bi as usize).gather_col(sp, si as usize, &mut col);
             for (j, o) in o.iter_mut().enumerate() {
                 let r = g as usize * kdim + j;
                 *o = bv[[r]] + dot(wv.row(r).as_slice().unwrap(), &col);
@@ -195,7 +195,7 @@ fn at_backward(t: &Tape, op: &Conv1x1At, g: ArrayD<f32>, acc: &mut GradAcc) {
         let mut dw2 = w_rows(&mut dw);
         let mut col = vec![0.0f32; f.cin];
         for (gr, &(bi, si, gi)) in g2.axis_iter(Axis(0)).zip(picks) {
-            with_slice!(f.image(bi as usize), xd => gather_col(xd, f.sp(), si as usize, &mut col));
+            f.image(bi as usize).gather_col(f.sp(), si as usize, &mut col);
             for (j, &gv) in gr.iter().enumerate() {
                 if gv != 0.0 {
                     axpy(dw2.row_mut(gi as usize * kdim + j).as_slice_mut().unwrap(), gv, &col);
