@@ -280,13 +280,18 @@ struct HeadSlices<'a> {
     b: Vec<&'a [f32]>,
 }
 
+/// Gradients to add into: each level's flat weight and bias gradient, and
+/// which rows `a·no + k` train (a row at lr multiplier 0 is left out of the
+/// optimizer, so its gradient is never read and is not computed).
+type GradsInto<'a> = (&'a mut [Vec<f32>], &'a mut [Vec<f32>], &'a [bool]);
+
 /// `class_loss` without the tape where ComputeLoss's class term is a plain
 /// mean BCE (fl_gamma 0): lcls (before the cls gain) of the images `idx`,
 /// and with `grads` the gradient of `gain · lcls` added into the weight and
-/// bias rows of the classes. The same logits (dots on the positives'
-/// columns), the same BCE, only the bookkeeping of a tape is gone: it cost
-/// most of a class-only epoch's training. None as `class_loss`.
-fn class_loss_direct(cfg: &LossConfig, split: &SparseSplit, idx: &[usize], h: &HeadSlices, gain: f32, mut grads: Option<(&mut [Vec<f32>], &mut [Vec<f32>])>) -> Option<f32> {
+/// bias rows of the classes that train. The same logits (dots on the
+/// positives' columns), the same BCE, only the bookkeeping of a tape is
+/// gone: it cost most of a class-only epoch's training. None as `class_loss`.
+fn class_loss_direct(cfg: &LossConfig, split: &SparseSplit, idx: &[usize], h: &HeadSlices, gain: f32, mut grads: Option<GradsInto>) -> Option<f32> {
     let (na, no, nc) = (cfg.na(), cfg.no(), cfg.nc);
     if nc < 2 {
         return None;
@@ -316,7 +321,7 @@ fn class_loss_direct(cfg: &LossConfig, split: &SparseSplit, idx: &[usize], h: &H
         let m = (n * nc) as f32;
         let sum = match grads.as_mut() {
             None => crate::kernels::bce::bce_logits_sum(&z, &tc, cfg.hyp.cls_pw),
-            Some((gw, gb)) => {
+            Some((gw, gb, trains)) => {
                 let mut dz = vec![0f32; n * nc];
                 let sum = crate::kernels::bce::bce_logits_grad(&z, &tc, cfg.hyp.cls_pw, gain / m, &mut dz);
                 let mut k = 0;
@@ -325,6 +330,9 @@ fn class_loss_direct(cfg: &LossConfig, split: &SparseSplit, idx: &[usize], h: &H
                     for (j, &a) in p.anchor.iter().enumerate() {
                         for (cl, &g) in dz[k * nc..(k + 1) * nc].iter().enumerate() {
                             let r = a as usize * no + 5 + cl;
+                            if !trains[r] {
+                                continue;
+                            }
                             crate::kernels::axpy(&mut gw[l][r * c..(r + 1) * c], g, &p.feats[j * c..(j + 1) * c]);
                             gb[l][r] += g;
                         }
@@ -342,7 +350,7 @@ fn class_loss_direct(cfg: &LossConfig, split: &SparseSplit, idx: &[usize], h: &H
 
 /// Loss parts `[box, obj, cls]` (not × bs) of the images `idx` as one batch
 /// and the gradient of each head parameter by name (zero but for the class
-/// rows).
+/// rows; without the focal term, zero also for rows at lr multiplier 0).
 pub fn step(params: &ParamStore, split: &SparseSplit, idx: &[usize], cfg: &LossConfig, layout: &HeadLayout) -> ([f32; 3], Tensors) {
     let _timed = StepTimer(std::time::Instant::now());
     let [lbox, lobj] = constant_losses(cfg, split, idx);
@@ -389,9 +397,15 @@ fn step_direct(params: &ParamStore, split: &SparseSplit, idx: &[usize], cfg: &Lo
     let h = HeadSlices { w: layout.weights.iter().map(flat).collect(), b: layout.biases.iter().map(flat).collect() };
     let mut gw: Vec<Vec<f32>> = h.w.iter().map(|w| vec![0f32; w.len()]).collect();
     let mut gb: Vec<Vec<f32>> = h.b.iter().map(|b| vec![0f32; b.len()]).collect();
+    // the rows the optimizer updates (with --add-classes, the new classes')
+    let p0 = params.get(&layout.weights[0]).expect("the head's parameters are in the store");
+    let trains: Vec<bool> = match &p0.row_lr {
+        Some(m) => m.iter().map(|&v| v != 0.0).collect(),
+        None => vec![true; p0.value.shape()[0]],
+    };
     // train.py's loss is × bs; the constant parts add no gradient
     let gain = cfg.hyp.cls * idx.len() as f32;
-    let lcls = class_loss_direct(cfg, split, idx, &h, gain, Some((&mut gw, &mut gb))).map_or(0.0, |v| v * cfg.hyp.cls);
+    let lcls = class_loss_direct(cfg, split, idx, &h, gain, Some((&mut gw, &mut gb, &trains))).map_or(0.0, |v| v * cfg.hyp.cls);
     let mut grads = Tensors::new();
     for (names, gs) in [(&layout.weights, gw), (&layout.biases, gb)] {
         for (n, g) in names.iter().zip(gs) {
@@ -536,7 +550,8 @@ mod tests {
         let h = HeadSlices { w: w.iter().map(|w| w.as_slice().unwrap()).collect(), b: b.iter().map(|b| b.as_slice().unwrap()).collect() };
         let mut gw: Vec<Vec<f32>> = w.iter().map(|w| vec![0.0; w.len()]).collect();
         let mut gb: Vec<Vec<f32>> = b.iter().map(|b| vec![0.0; b.len()]).collect();
-        let got = class_loss_direct(&cfg, &sp, &idx, &h, gain, Some((&mut gw, &mut gb))).unwrap();
+        let all = vec![true; 2 * no];
+        let got = class_loss_direct(&cfg, &sp, &idx, &h, gain, Some((&mut gw, &mut gb, &all))).unwrap();
         assert!((got - want).abs() <= 1e-6 * want.abs(), "lcls: tape {want} written out {got}");
         assert_eq!(class_loss_direct(&cfg, &sp, &idx, &h, 0.0, None), Some(got));
         for l in 0..2 {
@@ -551,6 +566,18 @@ mod tests {
                         assert_eq!(*m, 0.0);
                     }
                 }
+            }
+        }
+        // a frozen row gets no gradient, the others the same
+        let some: Vec<bool> = (0..2 * no).map(|r| r % no != 6).collect();
+        let mut gw2: Vec<Vec<f32>> = w.iter().map(|w| vec![0.0; w.len()]).collect();
+        let mut gb2: Vec<Vec<f32>> = b.iter().map(|b| vec![0.0; b.len()]).collect();
+        assert_eq!(class_loss_direct(&cfg, &sp, &idx, &h, gain, Some((&mut gw2, &mut gb2, &some))), Some(got));
+        for l in 0..2 {
+            let c = sp.channels[l];
+            for r in 0..2 * no {
+                let want = if some[r] { gb[l][r] } else { 0.0 };
+                assert_eq!((gb2[l][r], &gw2[l][r * c..(r + 1) * c]), (want, &(if some[r] { gw[l][r * c..(r + 1) * c].to_vec() } else { vec![0.0; c] })[..]));
             }
         }
     }
