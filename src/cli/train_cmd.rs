@@ -103,7 +103,7 @@ pub struct TrainArgs {
     /// YOLOv5's --freeze: layers 0..N-1 frozen (cached), N..23 and the head trained; N in 10..=24 [default: 24]
     #[arg(long)]
     pub freeze: Option<usize>,
-    /// Class-only training on the sparse cache (the head inputs at the loss's positives) with sparse validation [default with --train cls at --freeze 24]
+    /// Class-only training on the sparse cache (the head inputs at the loss's positives) with sparse validation [default with --train cls (and --add-classes) at --freeze 24]
     #[arg(long, conflicts_with = "dense")]
     pub sparse: bool,
     /// The dense path (every feature map every epoch), also with --train cls
@@ -299,12 +299,8 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
         eprintln!("note: every row's learning-rate multiplier is 0: the head does not change (the epochs only validate it)");
     }
     let freeze = a.freeze.unwrap_or_else(train::default_freeze);
-    // --add-classes validates on the dataset's classes among the model's
-    // (val::classes), which the sparse validation does not do yet: dense
-    if a.add_classes && a.sparse {
-        bail!("--sparse does not work with --add-classes yet; drop --sparse (--add-classes trains densely)");
-    }
-    let sparse = !a.add_classes && train::sparse::resolve(train, freeze, a.sparse, a.dense)?;
+    // --add-classes implies --train cls, so it is sparse by default too
+    let sparse = train::sparse::resolve(train, freeze, a.sparse, a.dense)?;
     let model = Model::load(&weights)?;
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
     let project = a.project.clone().unwrap_or_else(|| PathBuf::from("runs/train"));

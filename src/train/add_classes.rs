@@ -228,6 +228,15 @@ impl Run {
         r.groups = Some(classes::ClassGroups { model_nc: head.nc, model_ids: plan.data_to_model.clone(), base_nc: plan.base_nc });
         Ok(r)
     }
+
+    /// `validate` on the sparse candidates (`--sparse`): the same classes,
+    /// the same groups.
+    pub fn validate_sparse(&self, sv: &crate::val::sparse::SparseVal, head: &Head) -> ValReport {
+        let Some(plan) = &self.add_classes else { return sv.validate(head, &self.val_opts) };
+        let mut r = sv.validate(&classes::select_classes(head, &plan.data_to_model), &self.val_opts);
+        r.groups = Some(classes::ClassGroups { model_nc: head.nc, model_ids: plan.data_to_model.clone(), base_nc: plan.base_nc });
+        r
+    }
 }
 
 #[cfg(test)]
@@ -260,7 +269,7 @@ mod tests {
             dtype: crate::cache::Dtype::F16,
             freeze: crate::graph::cut::HEAD_ONLY,
             add_classes: true,
-            sparse: false,
+            sparse: true,
             pseudo_labels: true,
             engine: Default::default(),
             progress: false,

@@ -123,7 +123,7 @@ pub fn evaluate(run: &Run, head: &Head, values: &Tensors) -> Result<([f64; 4], [
         return Ok(([0.0; 4], [f32::NAN; 3]));
     }
     if let Some(sp) = &run.sparse {
-        let s = sp.val_cands.validate(head, &run.val_opts).summary;
+        let s = run.validate_sparse(&sp.val_cands, head).summary;
         return Ok(([s.mp, s.mr, s.map50, s.map], super::sparse::mean_losses(head, &sp.val, run.val_opts.batch_size, &run.cfg)));
     }
     let items = run.val_items_for(values)?;

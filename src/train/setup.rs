@@ -139,7 +139,11 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
     let cfg = LossConfig::new(scale_hyp(&loss_hyp, head0.nc, head0.nl(), opts.imgsz), head0.nc, anchors_grid);
     // class-only epochs on the positives alone (`train::sparse`)
     let sparse = match opts.sparse {
-        true => Some(super::sparse::prepare_run(&cache, &train.samples, &val.samples, &val_items, &head0, &cfg, opts.dtype, &val_opts(opts))?),
+        true => {
+            // validated on the dataset's classes, as `Run::validate` does
+            let val_head = add.as_ref().map_or_else(|| head0.clone(), |p| crate::val::classes::select_classes(&head0, &p.data_to_model));
+            Some(super::sparse::prepare_run(&cache, &train.samples, &val.samples, &val_items, &head0, &val_head, &cfg, opts.dtype, &val_opts(opts))?)
+        }
         false => None,
     };
     let schedule = Schedule::new(&opts.hyp, opts.epochs, train.samples.len().div_ceil(opts.batch_size), opts.batch_size, opts.cos_lr);

@@ -14,7 +14,9 @@
 //! losses are constants of each image, stored with its positives (`Σ 1-CIoU`
 //! per positive and the objectness BCE summed over the cells), so the logged
 //! train and val losses are YOLOv5's batch losses, only summed in another
-//! order.
+//! order. With fl_gamma 0 (the hyps' default) the class term is a plain
+//! mean BCE and its gradient is written out (`class_loss_direct`) instead of
+//! taped; with focal loss the tape runs.
 
 use std::collections::BTreeMap;
 
@@ -272,10 +274,90 @@ fn class_loss(t: &mut Tape, cfg: &LossConfig, split: &SparseSplit, idx: &[usize]
     lcls
 }
 
+/// Each level's flat weight `[na·no, C]` and bias `[na·no]`, and with
+/// `grads` their gradients to add to: what `class_loss_direct` reads.
+struct HeadSlices<'a> {
+    w: Vec<&'a [f32]>,
+    b: Vec<&'a [f32]>,
+}
+
+/// Gradients to add into: each level's flat weight and bias gradient, and
+/// which rows `a·no + k` train (a row at lr multiplier 0 is left out of the
+/// optimizer, so its gradient is never read and is not computed).
+type GradsInto<'a> = (&'a mut [Vec<f32>], &'a mut [Vec<f32>], &'a [bool]);
+
+/// `class_loss` without the tape where ComputeLoss's class term is a plain
+/// mean BCE (fl_gamma 0): lcls (before the cls gain) of the images `idx`,
+/// and with `grads` the gradient of `gain · lcls` added into the weight and
+/// bias rows of the classes that train. The same logits (dots on the
+/// positives' columns), the same BCE, only the bookkeeping of a tape is
+/// gone: it cost most of a class-only epoch's training. None as `class_loss`.
+fn class_loss_direct(cfg: &LossConfig, split: &SparseSplit, idx: &[usize], h: &HeadSlices, gain: f32, mut grads: Option<GradsInto>) -> Option<f32> {
+    let (na, no, nc) = (cfg.na(), cfg.no(), cfg.nc);
+    if nc < 2 {
+        return None;
+    }
+    let (cp, cn) = smooth_bce(cfg.hyp.label_smoothing);
+    let mut lcls: Option<f32> = None;
+    for (l, &c) in split.channels.iter().enumerate() {
+        let n: usize = idx.iter().map(|&i| split.images[i].levels[l].anchor.len()).sum();
+        if n == 0 {
+            continue;
+        }
+        let rows: Vec<Vec<&[f32]>> = (0..na).map(|a| (a * no + 5..(a + 1) * no).map(|r| &h.w[l][r * c..(r + 1) * c]).collect()).collect();
+        let (mut z, mut tc) = (vec![0f32; n * nc], vec![cn; n * nc]);
+        let mut k = 0;
+        for &i in idx {
+            let p = &split.images[i].levels[l];
+            for (j, &a) in p.anchor.iter().enumerate() {
+                let out = &mut z[k * nc..(k + 1) * nc];
+                crate::kernels::dots(&rows[a as usize], &p.feats[j * c..(j + 1) * c], out);
+                for (o, b) in out.iter_mut().zip(&h.b[l][a as usize * no + 5..]) {
+                    *o += b;
+                }
+                tc[k * nc + p.cls[j] as usize] = cp;
+                k += 1;
+            }
+        }
+        let m = (n * nc) as f32;
+        let sum = match grads.as_mut() {
+            None => crate::kernels::bce::bce_logits_sum(&z, &tc, cfg.hyp.cls_pw),
+            Some((gw, gb, trains)) => {
+                let mut dz = vec![0f32; n * nc];
+                let sum = crate::kernels::bce::bce_logits_grad(&z, &tc, cfg.hyp.cls_pw, gain / m, &mut dz);
+                let mut k = 0;
+                for &i in idx {
+                    let p = &split.images[i].levels[l];
+                    for (j, &a) in p.anchor.iter().enumerate() {
+                        for (cl, &g) in dz[k * nc..(k + 1) * nc].iter().enumerate() {
+                            let r = a as usize * no + 5 + cl;
+                            if !trains[r] {
+                                continue;
+                            }
+                            crate::kernels::axpy(&mut gw[l][r * c..(r + 1) * c], g, &p.feats[j * c..(j + 1) * c]);
+                            gb[l][r] += g;
+                        }
+                        k += 1;
+                    }
+                }
+                sum
+            }
+        };
+        let lc = (sum / m as f64) as f32;
+        lcls = Some(lcls.map_or(lc, |s| s + lc));
+    }
+    lcls
+}
+
 /// Loss parts `[box, obj, cls]` (not × bs) of the images `idx` as one batch
 /// and the gradient of each head parameter by name (zero but for the class
-/// rows).
+/// rows; without the focal term, zero also for rows at lr multiplier 0).
 pub fn step(params: &ParamStore, split: &SparseSplit, idx: &[usize], cfg: &LossConfig, layout: &HeadLayout) -> ([f32; 3], Tensors) {
+    let _timed = StepTimer(std::time::Instant::now());
+    let [lbox, lobj] = constant_losses(cfg, split, idx);
+    if cfg.hyp.fl_gamma <= 0.0 {
+        return step_direct(params, split, idx, cfg, layout, [lbox, lobj]);
+    }
     let mut t = Tape::new();
     let mut vars = BTreeMap::new();
     for name in layout.weights.iter().chain(&layout.biases) {
@@ -284,7 +366,6 @@ pub fn step(params: &ParamStore, split: &SparseSplit, idx: &[usize], cfg: &LossC
     }
     let w: Vec<Var> = layout.weights.iter().map(|n| vars[n]).collect();
     let b: Vec<Var> = layout.biases.iter().map(|n| vars[n]).collect();
-    let [lbox, lobj] = constant_losses(cfg, split, idx);
     let Some(lcls) = class_loss(&mut t, cfg, split, idx, &w, &b) else {
         let grads = vars.into_iter().map(|(n, v)| (n, ArrayD::zeros(t.value(v).raw_dim()))).collect();
         return ([lbox, lobj, 0.0], grads);
@@ -298,8 +379,50 @@ pub fn step(params: &ParamStore, split: &SparseSplit, idx: &[usize], cfg: &LossC
     (losses, grads)
 }
 
+/// Nanoseconds spent in `step` since the last `mean_losses` (profiling).
+static STEP_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Adds its lifetime to STEP_NS.
+struct StepTimer(std::time::Instant);
+
+impl Drop for StepTimer {
+    fn drop(&mut self) {
+        STEP_NS.fetch_add(self.0.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// `step` by `class_loss_direct`.
+fn step_direct(params: &ParamStore, split: &SparseSplit, idx: &[usize], cfg: &LossConfig, layout: &HeadLayout, [lbox, lobj]: [f32; 2]) -> ([f32; 3], Tensors) {
+    let value = |n: &String| &params.get(n).expect("the head's parameters are in the store").value;
+    let flat = |n: &String| value(n).as_slice().expect("a parameter in standard layout");
+    let h = HeadSlices { w: layout.weights.iter().map(flat).collect(), b: layout.biases.iter().map(flat).collect() };
+    let mut gw: Vec<Vec<f32>> = h.w.iter().map(|w| vec![0f32; w.len()]).collect();
+    let mut gb: Vec<Vec<f32>> = h.b.iter().map(|b| vec![0f32; b.len()]).collect();
+    // the rows the optimizer updates (with --add-classes, the new classes')
+    let p0 = params.get(&layout.weights[0]).expect("the head's parameters are in the store");
+    let trains: Vec<bool> = match &p0.row_lr {
+        Some(m) => m.iter().map(|&v| v != 0.0).collect(),
+        None => vec![true; p0.value.shape()[0]],
+    };
+    // train.py's loss is × bs; the constant parts add no gradient
+    let gain = cfg.hyp.cls * idx.len() as f32;
+    let lcls = class_loss_direct(cfg, split, idx, &h, gain, Some((&mut gw, &mut gb, &trains))).map_or(0.0, |v| v * cfg.hyp.cls);
+    let mut grads = Tensors::new();
+    for (names, gs) in [(&layout.weights, gw), (&layout.biases, gb)] {
+        for (n, g) in names.iter().zip(gs) {
+            grads.insert(n.clone(), ArrayD::from_shape_vec(value(n).raw_dim(), g).expect("a gradient of its parameter's shape"));
+        }
+    }
+    ([lbox, lobj, lcls], grads)
+}
+
 /// Loss parts `[box, obj, cls]` of `head` on the images `idx` as one batch.
 pub fn losses(head: &Head, split: &SparseSplit, idx: &[usize], cfg: &LossConfig) -> [f32; 3] {
+    if cfg.hyp.fl_gamma <= 0.0 {
+        let h = HeadSlices { w: head.weights.iter().map(|w| w.as_slice().expect("a head in standard layout")).collect(), b: head.biases.iter().map(|b| b.as_slice().expect("a head in standard layout")).collect() };
+        let [lbox, lobj] = constant_losses(cfg, split, idx);
+        return [lbox, lobj, class_loss_direct(cfg, split, idx, &h, 0.0, None).map_or(0.0, |v| v * cfg.hyp.cls)];
+    }
     let mut t = Tape::new();
     let w: Vec<Var> = head.weights.iter().map(|w| t.constant(w.clone().into_dyn())).collect();
     let b: Vec<Var> = head.biases.iter().map(|b| t.constant(b.clone().into_dyn())).collect();
@@ -311,6 +434,7 @@ pub fn losses(head: &Head, split: &SparseSplit, idx: &[usize], cfg: &LossConfig)
 /// Mean per-batch val losses of `head` in batches of `bs` images, as
 /// `epoch::evaluate` computes them densely.
 pub fn mean_losses(head: &Head, split: &SparseSplit, bs: usize, cfg: &LossConfig) -> [f32; 3] {
+    let start = std::time::Instant::now();
     let idx: Vec<usize> = (0..split.images.len()).collect();
     let mut sum = [0f64; 3];
     let chunks: Vec<&[usize]> = idx.chunks(bs.max(1)).collect();
@@ -319,6 +443,10 @@ pub fn mean_losses(head: &Head, split: &SparseSplit, bs: usize, cfg: &LossConfig
         for k in 0..3 {
             sum[k] += l[k] as f64;
         }
+    }
+    if crate::autograd::profile::enabled() {
+        let steps = STEP_NS.swap(0, std::sync::atomic::Ordering::Relaxed) as f64 / 1e6;
+        eprintln!("sparse train: steps {steps:.1} ms since the last val losses; val losses {:.1} ms", start.elapsed().as_secs_f64() * 1e3);
     }
     sum.map(|v| (v / chunks.len().max(1) as f64) as f32)
 }
@@ -349,11 +477,14 @@ pub struct SparseRun {
 }
 
 /// Builds (or reads) the sparse data of a run and says what it holds.
-pub fn prepare_run(cache: &FeatureCache, train: &[Sample], val: &[Sample], val_items: &[crate::val::ValItem], head: &Head, cfg: &LossConfig, dtype: Dtype, val_opts: &crate::val::ValOptions) -> Result<SparseRun> {
+/// `val_head` is `head` with the classes validation scores (the dataset's,
+/// with `--add-classes`).
+#[allow(clippy::too_many_arguments)]
+pub fn prepare_run(cache: &FeatureCache, train: &[Sample], val: &[Sample], val_items: &[crate::val::ValItem], head: &Head, val_head: &Head, cfg: &LossConfig, dtype: Dtype, val_opts: &crate::val::ValOptions) -> Result<SparseRun> {
     let start = std::time::Instant::now();
     let tr = prepare(cache, train, head, cfg, dtype)?;
     let va = prepare(cache, val, head, cfg, dtype)?;
-    let val_cands = crate::val::sparse::SparseVal::build(head, val_items, val_opts)?;
+    let val_cands = crate::val::sparse::SparseVal::build(val_head, val_items, val_opts)?;
     let dense: u64 = train.iter().filter_map(|s| std::fs::metadata(&s.entry).ok()).map(|m| m.len()).sum();
     let npos: usize = tr.images.iter().flat_map(|i| &i.levels).map(|l| l.anchor.len()).sum();
     eprintln!(
@@ -370,4 +501,85 @@ pub fn prepare_run(cache: &FeatureCache, train: &[Sample], val: &[Sample], val_i
         start.elapsed().as_secs_f64()
     );
     Ok(SparseRun { train: tr, val: va, val_cands })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Two images' positives on two levels (C 16 and 24, 2 anchors, 3 classes).
+    fn split(rng: &mut rand_chacha::ChaCha8Rng) -> SparseSplit {
+        let channels = vec![16, 24];
+        let images = (0..2)
+            .map(|i| SparseImage {
+                levels: channels
+                    .iter()
+                    .map(|&c| {
+                        let n = 3 + i * 2;
+                        Positives { feats: (0..n * c).map(|_| rng.random_range(-1.0..1.0)).collect(), anchor: (0..n).map(|k| (k % 2) as u32).collect(), cls: (0..n).map(|k| (k % 3) as u32).collect(), one_minus_iou: vec![0.5; n] }
+                    })
+                    .collect(),
+                obj_bce_sum: vec![1.0, 2.0],
+            })
+            .collect();
+        SparseSplit { images, cells: vec![2 * 16, 2 * 4], channels, ..Default::default() }
+    }
+
+    #[test]
+    fn the_written_out_class_gradient_is_the_tapes() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let sp = split(&mut rng);
+        let mut hyp = crate::loss::Hyp::scratch_low();
+        hyp.label_smoothing = 0.1;
+        hyp.cls_pw = 1.5;
+        let cfg = LossConfig::new(hyp, 3, vec![vec![[1.0, 2.0], [2.0, 1.0]]; 2]);
+        let no = cfg.no();
+        let w: Vec<Array2<f32>> = sp.channels.iter().map(|&c| Array2::from_shape_fn((2 * no, c), |_| rng.random_range(-0.5..0.5))).collect();
+        let b: Vec<ndarray::Array1<f32>> = (0..2).map(|_| ndarray::Array1::from_shape_fn(2 * no, |_| rng.random_range(-2.0..1.0))).collect();
+        let idx = [1, 0];
+        let gain = 0.7;
+
+        let mut t = Tape::new();
+        let wv: Vec<Var> = w.iter().map(|w| t.param(w.clone().into_dyn())).collect();
+        let bv: Vec<Var> = b.iter().map(|b| t.param(b.clone().into_dyn())).collect();
+        let lc = class_loss(&mut t, &cfg, &sp, &idx, &wv, &bv).unwrap();
+        let want = t.scalar(lc);
+        let total = t.mul_scalar(lc, gain);
+        let mut g = t.backward(total);
+
+        let h = HeadSlices { w: w.iter().map(|w| w.as_slice().unwrap()).collect(), b: b.iter().map(|b| b.as_slice().unwrap()).collect() };
+        let mut gw: Vec<Vec<f32>> = w.iter().map(|w| vec![0.0; w.len()]).collect();
+        let mut gb: Vec<Vec<f32>> = b.iter().map(|b| vec![0.0; b.len()]).collect();
+        let all = vec![true; 2 * no];
+        let got = class_loss_direct(&cfg, &sp, &idx, &h, gain, Some((&mut gw, &mut gb, &all))).unwrap();
+        assert!((got - want).abs() <= 1e-6 * want.abs(), "lcls: tape {want} written out {got}");
+        assert_eq!(class_loss_direct(&cfg, &sp, &idx, &h, 0.0, None), Some(got));
+        for l in 0..2 {
+            for (v, mine) in [(wv[l], &gw[l]), (bv[l], &gb[l])] {
+                let tape = g.take(v).unwrap();
+                let scale = tape.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert!(scale > 1e-3);
+                for (k, (a, m)) in tape.iter().zip(mine.iter()).enumerate() {
+                    assert!((a - m).abs() <= 1e-5 * scale, "level {l} element {k}: tape {a} written out {m}");
+                    // box and objectness rows get nothing
+                    if (k / (tape.len() / (2 * no))) % no < 5 {
+                        assert_eq!(*m, 0.0);
+                    }
+                }
+            }
+        }
+        // a frozen row gets no gradient, the others the same
+        let some: Vec<bool> = (0..2 * no).map(|r| r % no != 6).collect();
+        let mut gw2: Vec<Vec<f32>> = w.iter().map(|w| vec![0.0; w.len()]).collect();
+        let mut gb2: Vec<Vec<f32>> = b.iter().map(|b| vec![0.0; b.len()]).collect();
+        assert_eq!(class_loss_direct(&cfg, &sp, &idx, &h, gain, Some((&mut gw2, &mut gb2, &some))), Some(got));
+        for l in 0..2 {
+            let c = sp.channels[l];
+            for r in 0..2 * no {
+                let want = if some[r] { gb[l][r] } else { 0.0 };
+                assert_eq!((gb2[l][r], &gw2[l][r * c..(r + 1) * c]), (want, &(if some[r] { gw[l][r * c..(r + 1) * c].to_vec() } else { vec![0.0; c] })[..]));
+            }
+        }
+    }
 }

@@ -10,8 +10,10 @@
 //! only on the IoU of their offset boxes, fixed here. So every pair's
 //! decision (f32 IoU of the offset boxes > iou_thres in f64, torchvision's
 //! arithmetic) is computed once per class, and an epoch only sorts by the new
-//! confidences and walks the suppression lists. Pairs whose boxes are apart by
-//! more than the offset's rounding can suppress nothing and are skipped.
+//! confidences and walks the suppression lists. The walk stops at max_det
+//! kept, so only the prefix it reaches is sorted (`keep`). Pairs whose boxes
+//! are apart by more than the offset's rounding can suppress nothing and are
+//! skipped.
 
 use ndarray::{Array2, ArrayView2};
 
@@ -76,6 +78,7 @@ impl FixedNms {
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by(|&a, &b| out.boxes[a][0].total_cmp(&out.boxes[b][0]));
         let mut lists: Vec<Vec<(u32, Vec<u64>)>> = vec![Vec::new(); n];
+        let mut bits = vec![0u64; words];
         for (k, &i) in order.iter().enumerate() {
             let bi = out.boxes[i];
             for &j in &order[k + 1..] {
@@ -87,7 +90,8 @@ impl FixedNms {
                     continue;
                 }
                 for (a, b, ba, bb) in [(i, j, bi, bj), (j, i, bj, bi)] {
-                    let mut bits = vec![0u64; words];
+                    // one buffer for every pair: a fresh one each was most of the set-up
+                    bits.iter_mut().for_each(|w| *w = 0);
                     for c in 0..nc {
                         let off = c as f32 * MAX_WH;
                         let o = |b: [f32; 4]| [b[0] + off, b[1] + off, b[2] + off, b[3] + off];
@@ -96,7 +100,7 @@ impl FixedNms {
                         }
                     }
                     if bits.iter().any(|&w| w != 0) {
-                        lists[a].push((b as u32, bits));
+                        lists[a].push((b as u32, bits.clone()));
                     }
                 }
             }
@@ -116,6 +120,61 @@ impl FixedNms {
         self.boxes.len() * 16 + self.start.len() * 8 + self.nbr.len() * 4 + self.mask.len() * 8
     }
 
+    /// Whether `keep` applies (else non_max_suppression has to run).
+    pub fn separable(&self) -> bool {
+        self.separable
+    }
+
+    /// Each row's xyxy box in input pixels, as non_max_suppression makes it.
+    pub fn boxes(&self) -> &[[f32; 4]] {
+        &self.boxes
+    }
+
+    /// The sort key of a candidate: confidence descending, then (row, class)
+    /// ascending, as one u64 (a positive f32's bits order as its value).
+    pub fn key(conf: f32, row: usize, class: usize, nc: usize) -> u64 {
+        ((!conf.to_bits()) as u64) << 32 | (row * nc + class) as u64
+    }
+
+    /// The detections `(conf, row, class)` of non_max_suppression, in its
+    /// order, from the candidates' keys (`key`, conf > conf_thres, at most
+    /// MAX_NMS of them; `separable()` true). The keys are reordered.
+    pub fn keep(&self, keys: &mut [u64], max_det: usize) -> Vec<(f32, usize, usize)> {
+        let nc = self.nc;
+        let mut suppressed = vec![false; self.boxes.len() * nc];
+        let mut out = Vec::new();
+        // greedy NMS stops at max_det kept: only a prefix of the score order is
+        // ever walked, so it is sorted in growing chunks, not the whole list
+        let (mut done, mut upto) = (0, (4 * max_det).max(64));
+        while done < keys.len() && out.len() < max_det {
+            if upto < keys.len() {
+                keys[done..].select_nth_unstable(upto - done);
+            } else {
+                upto = keys.len();
+            }
+            keys[done..upto].sort_unstable();
+            for &k in &keys[done..upto] {
+                let (conf, idx) = (f32::from_bits(!((k >> 32) as u32)), (k & 0xffff_ffff) as usize);
+                let (r, c) = (idx / nc, idx % nc);
+                if suppressed[idx] {
+                    continue;
+                }
+                out.push((conf, r, c));
+                if out.len() == max_det {
+                    break;
+                }
+                for k in self.start[r]..self.start[r + 1] {
+                    if self.mask[k * self.words + c / 64] >> (c % 64) & 1 == 1 {
+                        suppressed[self.nbr[k] as usize * nc + c] = true;
+                    }
+                }
+            }
+            done = upto;
+            upto = upto.saturating_mul(4);
+        }
+        out
+    }
+
     /// `non_max_suppression(rows, conf_thres, iou_thres, None, false, true,
     /// max_det)` for the rows `build` saw with new class scores; None where
     /// that function has to run (not separable, or over MAX_NMS candidates).
@@ -124,7 +183,7 @@ impl FixedNms {
             return None;
         }
         let (nc, conf_t) = (self.nc, conf_thres as f32);
-        let mut cands: Vec<(f32, u32, u32)> = Vec::new();
+        let mut keys: Vec<u64> = Vec::new();
         for (r, row) in rows.rows().into_iter().enumerate() {
             let obj = row[4];
             if !(obj > conf_t) {
@@ -133,33 +192,17 @@ impl FixedNms {
             for j in 0..nc {
                 let conf = row[5 + j] * obj;
                 if conf > conf_t {
-                    cands.push((conf, r as u32, j as u32));
+                    keys.push(Self::key(conf, r, j, nc));
                 }
             }
         }
-        if cands.len() > MAX_NMS {
+        if keys.len() > MAX_NMS {
             return None;
         }
-        // metrics::nms's stable sort: equal confidences stay in (row, class)
-        // order, which is a total order, so an unstable sort on it is the same
-        cands.sort_unstable_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then((a.1, a.2).cmp(&(b.1, b.2))));
-        let mut suppressed = vec![false; rows.nrows() * nc];
         let mut out = Vec::new();
-        for &(conf, r, c) in &cands {
-            let (r, c) = (r as usize, c as usize);
-            if suppressed[r * nc + c] {
-                continue;
-            }
+        for (conf, r, c) in self.keep(&mut keys, max_det) {
             let b = self.boxes[r];
             out.extend_from_slice(&[b[0], b[1], b[2], b[3], conf, c as f32]);
-            if out.len() / 6 == max_det {
-                break;
-            }
-            for k in self.start[r]..self.start[r + 1] {
-                if self.mask[k * self.words + c / 64] >> (c % 64) & 1 == 1 {
-                    suppressed[self.nbr[k] as usize * nc + c] = true;
-                }
-            }
         }
         let n = out.len() / 6;
         Some(Array2::from_shape_vec((n, 6), out).expect("6 values a detection"))
@@ -184,7 +227,7 @@ mod tests {
     #[test]
     fn equals_non_max_suppression_when_only_the_scores_change() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        for (nc, n, max_det) in [(5, 400, 300), (80, 150, 300), (3, 300, 20), (2, 0, 300)] {
+        for (nc, n, max_det) in [(5, 400, 300), (80, 150, 300), (3, 300, 20), (4, 1500, 7), (2, 0, 300)] {
             let base = rows(&mut rng, n, nc);
             let nms = FixedNms::build(base.view(), nc, 0.6);
             for _ in 0..3 {

@@ -12,34 +12,58 @@
 //! decode, then NMS with the pairwise suppressions of the fixed boxes worked
 //! out once (`fixed_nms`) and the metrics as the dense path runs them: the
 //! metrics are the dense path's (a test checks them within 1e-6).
+//!
+//! What an epoch does not redo: the candidates' columns are kept as the
+//! entry stores them (f16 stays f16: half the bytes to stream, the same f32
+//! after the exact conversion), each candidate's box in original pixels is
+//! scaled once (scale_boxes works box by box), and NMS sorts only the prefix
+//! of the score order it walks. With `FREEZESPLIT_PROFILE=1` each call
+//! prints where its time went.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Result, bail};
+use half::f16;
 use ndarray::{Array2, s};
-
-use crate::metrics::scale_boxes;
 use rayon::prelude::*;
 
+use super::fixed_nms::FixedNms;
 use super::{Accumulator, ImageResult, SkippedLabel, ValItem, ValOptions, ValReport, evaluate_image, postprocess};
 use crate::cache::Entry;
 use crate::features::FeatSlice;
 use crate::head::{Head, sigmoid};
-use crate::kernels::{Elem, conv_rows_window, dots, gather_col};
+use crate::kernels::{Elem, conv_rows_window, dots};
+use crate::metrics::nms::MAX_NMS;
+use crate::metrics::scale_boxes;
 use crate::preprocess::LetterboxMeta;
 
 /// `Head::decode_above`'s objectness tile: the same windows give the same sums.
 const TILE: usize = 256;
 
+/// The candidates' feature columns, in the entry's element type.
+enum Cols {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
 struct Image {
     meta: LetterboxMeta,
-    /// `[n, no]` decoded rows; the class columns are rewritten each epoch.
+    /// `[n, 5 + nc]` decoded rows of the starting head: xywh and objectness
+    /// are every epoch's; the class columns only serve the fallback's copy.
     rows: Array2<f32>,
     /// Per candidate: level, anchor, and where its column starts in `cols`.
     cand: Vec<(u8, u8, usize)>,
-    cols: Vec<f32>,
+    cols: Cols,
+    /// Each candidate's xyxy box in original pixels (scale_boxes, once).
+    boxes0: Vec<[f32; 4]>,
+    /// Per candidate, a class logit at or below which obj·sigmoid cannot
+    /// pass the build's conf_thres (`class_logit_floor`).
+    z_lo: Vec<f32>,
+    /// The conf_thres `z_lo` is for.
+    conf_thres: f64,
     /// NMS with the candidates' fixed boxes.
-    nms: super::fixed_nms::FixedNms,
+    nms: FixedNms,
     labelsn: Array2<f32>,
     targets: Array2<f32>,
     skipped_labels: Vec<SkippedLabel>,
@@ -48,11 +72,12 @@ struct Image {
 
 pub struct SparseVal {
     images: Vec<Image>,
+    nc: usize,
 }
 
 /// The candidates `(level, anchor, position)` of `decode_above` on one
 /// level, in its row order (anchor, then position), with their columns.
-fn candidates<T: Elem>(head: &Head, li: usize, x: &[T], sp: usize, min_obj: f64, out: &mut Vec<(u8, u8, usize)>, cols: &mut Vec<f32>) {
+fn candidates<T: Elem>(head: &Head, li: usize, x: &[T], sp: usize, min_obj: f64, out: &mut Vec<(u8, u8, usize)>, cols: &mut Vec<T>) {
     let (na, no) = (head.na(), head.no());
     let cin = x.len() / sp;
     let z_lo = if min_obj > 0.0 && min_obj < 1.0 { (min_obj / (1.0 - min_obj)).ln() as f32 - 1e-3 } else { f32::NEG_INFINITY };
@@ -74,12 +99,10 @@ fn candidates<T: Elem>(head: &Head, li: usize, x: &[T], sp: usize, min_obj: f64,
             }
         }
     }
-    let mut col = vec![0f32; cin];
     for (a, f) in found.iter().enumerate() {
         for &p in f {
-            gather_col(x, sp, p, &mut col);
             out.push((li as u8, a as u8, cols.len()));
-            cols.extend_from_slice(&col);
+            cols.extend((0..cin).map(|c| x[c * sp + p]));
         }
     }
 }
@@ -88,40 +111,169 @@ fn build_image(head: &Head, it: &ValItem, opts: &ValOptions) -> Result<Image> {
     let e = Entry::open_verified_before(&it.entry)?;
     let n = e.header.shapes.len();
     let hw = |i: usize| (e.header.shapes[i][1], e.header.shapes[i][2]);
-    let (mut cand, mut cols) = (Vec::new(), Vec::new());
+    let mut cand = Vec::new();
+    let (mut c16, mut c32) = (Vec::new(), Vec::new());
+    // q8 levels are read dequantised, as f32 ones
     let q8: Vec<Vec<f32>> = (0..n).map(|i| if let q @ FeatSlice::Q8(_) = e.level_raw(i) { q.to_f32_vec() } else { Vec::new() }).collect();
     let (mut halves, mut floats) = (Vec::new(), Vec::new());
     for i in 0..n {
         let sp = hw(i).0 * hw(i).1;
         match e.level_raw(i) {
             FeatSlice::Q8(_) => {
-                candidates(head, i, &q8[i][..], sp, opts.conf_thres, &mut cand, &mut cols);
+                candidates(head, i, &q8[i][..], sp, opts.conf_thres, &mut cand, &mut c32);
                 floats.push((&q8[i][..], hw(i).0, hw(i).1));
             }
             FeatSlice::F16(x) => {
-                candidates(head, i, x, sp, opts.conf_thres, &mut cand, &mut cols);
+                candidates(head, i, x, sp, opts.conf_thres, &mut cand, &mut c16);
                 halves.push((x, hw(i).0, hw(i).1));
             }
             FeatSlice::F32(x) => {
-                candidates(head, i, x, sp, opts.conf_thres, &mut cand, &mut cols);
+                candidates(head, i, x, sp, opts.conf_thres, &mut cand, &mut c32);
                 floats.push((x, hw(i).0, hw(i).1));
             }
         }
     }
-    let rows = if halves.is_empty() { head.decode_above(&floats, opts.conf_thres) } else { head.decode_above(&halves, opts.conf_thres) };
+    if !halves.is_empty() && !floats.is_empty() {
+        bail!("the cache entry of {} mixes f16 and f32 levels; delete it (or the cache directory) to rebuild it", it.image.display());
+    }
+    let (rows, cols) = if halves.is_empty() { (head.decode_above(&floats, opts.conf_thres), Cols::F32(c32)) } else { (head.decode_above(&halves, opts.conf_thres), Cols::F16(c16)) };
     if rows.nrows() != cand.len() {
         bail!("sparse validation found {} candidates in {} where the decode found {}; validate with --dense", cand.len(), it.image.display(), rows.nrows());
     }
     let r = evaluate_image(rows.view(), &e.header.letterbox, &it.image, head.nc, opts)?;
-    let nms = super::fixed_nms::FixedNms::build(rows.view(), head.nc, opts.iou_thres);
-    Ok(Image { meta: e.header.letterbox, nms, rows, cand, cols, labelsn: r.labelsn, targets: r.targets, skipped_labels: r.skipped_labels, segments: r.segments })
+    let nms = FixedNms::build(rows.view(), head.nc, opts.iou_thres);
+    let lb = e.header.letterbox;
+    let mut b = Array2::from_shape_fn((rows.nrows(), 4), |(i, k)| nms.boxes()[i][k]);
+    scale_boxes([lb.imgsz, lb.imgsz], b.view_mut(), lb.shape0, Some(super::ratio_pad(&lb)));
+    let boxes0 = b.rows().into_iter().map(|r| [r[0], r[1], r[2], r[3]]).collect();
+    let z_lo = rows.column(4).iter().map(|&obj| class_logit_floor(obj, opts.conf_thres)).collect();
+    Ok(Image { meta: lb, nms, rows, cand, cols, boxes0, z_lo, conf_thres: opts.conf_thres, labelsn: r.labelsn, targets: r.targets, skipped_labels: r.skipped_labels, segments: r.segments })
+}
+
+/// A logit `lo` such that no class logit `z <= lo` gives `sigmoid(z) · obj
+/// > conf_thres` in f32: `logit(q)`, q = conf_thres / obj, less 1e-3, which
+/// lowers the sigmoid by the factor 1 − (1 − q)·1e-3 ≤ 1 − 1e-5, twenty
+/// times the f32 rounding of the sigmoid and the product; no floor (−∞)
+/// where obj is within 1% of the threshold, where that would not hold.
+fn class_logit_floor(obj: f32, conf_thres: f64) -> f32 {
+    let q = conf_thres / obj as f64;
+    if !(q > 0.0 && q < 0.99) {
+        return f32::NEG_INFINITY;
+    }
+    ((q / (1.0 - q)).ln() - 1e-3) as f32
+}
+
+/// Per-call time by part (nanoseconds summed over the threads) and counts.
+#[derive(Default)]
+struct Profile {
+    scores: AtomicU64,
+    nms: AtomicU64,
+    keys: AtomicUsize,
+    kept: AtomicUsize,
+    fallbacks: AtomicUsize,
+}
+
+impl Profile {
+    fn add(at: &AtomicU64, since: Instant) {
+        at.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+    fn ms(at: &AtomicU64) -> f64 {
+        at.load(Ordering::Relaxed) as f64 / 1e6
+    }
+}
+
+/// The class rows and biases of each level and anchor of `head`.
+struct ClassRows<'a> {
+    rows: Vec<Vec<Vec<&'a [f32]>>>,
+    bias: Vec<Vec<&'a [f32]>>,
+}
+
+impl<'a> ClassRows<'a> {
+    fn of(head: &'a Head) -> ClassRows<'a> {
+        let (na, no) = (head.na(), head.no());
+        let rows = head.weights.iter().map(|w| (0..na).map(|a| (a * no + 5..(a + 1) * no).map(|k| w.row(k).to_slice().unwrap()).collect()).collect()).collect();
+        let bias = head.biases.iter().map(|b| (0..na).map(|a| &b.as_slice().unwrap()[a * no + 5..(a + 1) * no]).collect()).collect();
+        ClassRows { rows, bias }
+    }
+}
+
+impl Image {
+    /// Candidate `r`'s class logits into `out`, as decode_above computes
+    /// them: the same dot kernel (its f16 loads convert exactly, as the
+    /// decode's gather does), then the bias.
+    fn logits(&self, cr: &ClassRows, r: usize, out: &mut [f32]) {
+        let (l, a, at) = self.cand[r];
+        let g = &cr.rows[l as usize][a as usize];
+        let cin = g.first().map_or(0, |w| w.len());
+        match &self.cols {
+            Cols::F32(c) => dots(g, &c[at..at + cin], out),
+            Cols::F16(c) => dots(g, &c[at..at + cin], out),
+        }
+        for (o, b) in out.iter_mut().zip(cr.bias[l as usize][a as usize]) {
+            *o += b;
+        }
+    }
+
+    /// This image's detections `[n, 6]` in original pixels under the class
+    /// rows `cr`: non_max_suppression's, by `FixedNms` where it applies.
+    fn detections(&self, cr: &ClassRows, nc: usize, opts: &ValOptions, prof: &Profile) -> Array2<f32> {
+        let t = Instant::now();
+        let conf_t = opts.conf_thres as f32;
+        let z_lo = |r: usize| if opts.conf_thres == self.conf_thres { self.z_lo[r] } else { f32::NEG_INFINITY };
+        let mut z = vec![0f32; nc];
+        let mut keys: Vec<u64> = Vec::with_capacity(self.cand.len() * nc);
+        for r in 0..self.cand.len() {
+            // non_max_suppression's filters, in its f32 arithmetic
+            let obj = self.rows[[r, 4]];
+            if !(obj > conf_t) {
+                continue;
+            }
+            self.logits(cr, r, &mut z);
+            let lo = z_lo(r);
+            for (j, &zj) in z.iter().enumerate() {
+                // below lo the sigmoid cannot pass: most pairs end here
+                if zj <= lo {
+                    continue;
+                }
+                let conf = sigmoid(zj) * obj;
+                if conf > conf_t {
+                    keys.push(FixedNms::key(conf, r, j, nc));
+                }
+            }
+        }
+        Profile::add(&prof.scores, t);
+        let t = Instant::now();
+        prof.keys.fetch_add(keys.len(), Ordering::Relaxed);
+        let det = if self.nms.separable() && keys.len() <= MAX_NMS {
+            let kept = self.nms.keep(&mut keys, opts.max_det);
+            prof.kept.fetch_add(kept.len(), Ordering::Relaxed);
+            let mut det = Vec::with_capacity(kept.len() * 6);
+            for &(conf, r, c) in &kept {
+                let b = self.boxes0[r];
+                det.extend_from_slice(&[b[0], b[1], b[2], b[3], conf, c as f32]);
+            }
+            Array2::from_shape_vec((kept.len(), 6), det).expect("6 values a detection")
+        } else {
+            prof.fallbacks.fetch_add(1, Ordering::Relaxed);
+            let mut pred = self.rows.clone();
+            for r in 0..self.cand.len() {
+                self.logits(cr, r, &mut z);
+                pred.slice_mut(s![r, 5..]).iter_mut().zip(&z).for_each(|(p, &v)| *p = sigmoid(v));
+            }
+            postprocess(pred.view(), &self.meta, opts.conf_thres, opts.iou_thres, true, opts.max_det)
+        };
+        Profile::add(&prof.nms, t);
+        det
+    }
 }
 
 impl SparseVal {
-    /// The candidates of `items` under `head`'s box and objectness rows.
+    /// The candidates of `items` under `head`'s box and objectness rows;
+    /// `head`'s classes are the ones `validate` scores (and the labels'
+    /// class ids index them).
     pub fn build(head: &Head, items: &[ValItem], opts: &ValOptions) -> Result<SparseVal> {
         let images = items.par_iter().map(|it| build_image(head, it, opts)).collect::<Result<_>>()?;
-        Ok(SparseVal { images })
+        Ok(SparseVal { images, nc: head.nc })
     }
 
     /// Candidate rows over all images.
@@ -129,9 +281,14 @@ impl SparseVal {
         self.images.iter().map(|i| i.cand.len()).sum()
     }
 
-    /// Bytes held for the candidates: their f32 columns and decoded rows.
+    /// Bytes held for the candidates: their columns, decoded rows, boxes and
+    /// suppression lists.
     pub fn bytes(&self) -> usize {
-        self.images.iter().map(|i| (i.cols.len() + i.rows.len()) * 4 + i.cand.len() * std::mem::size_of::<(u8, u8, usize)>() + i.nms.bytes()).sum()
+        let cols = |c: &Cols| match c {
+            Cols::F16(v) => v.len() * 2,
+            Cols::F32(v) => v.len() * 4,
+        };
+        self.images.iter().map(|i| cols(&i.cols) + i.rows.len() * 4 + i.boxes0.len() * 16 + i.cand.len() * std::mem::size_of::<(u8, u8, usize)>() + i.nms.bytes()).sum()
     }
 
     /// The letterboxed targets `[m, 5]` of each image, in order.
@@ -141,40 +298,36 @@ impl SparseVal {
 
     /// `head` on the split: its class rows, the starting head's boxes and
     /// objectness. No losses (the trainer's come from `train::sparse`).
+    /// `head` has the classes `build` was given, in the same order.
     pub fn validate(&self, head: &Head, opts: &ValOptions) -> ValReport {
+        assert_eq!(head.nc, self.nc, "sparse validation was built for {} classes", self.nc);
         let start = Instant::now();
-        let no = head.no();
-        let results: Vec<ImageResult> = self
-            .images
-            .par_iter()
-            .map(|im| {
-                let mut pred = im.rows.clone();
-                let mut out = vec![0f32; head.nc];
-                for (r, &(l, a, at)) in im.cand.iter().enumerate() {
-                    let (l, a) = (l as usize, a as usize);
-                    let w = &head.weights[l];
-                    let rows: Vec<&[f32]> = (a * no + 5..(a + 1) * no).map(|k| w.row(k).to_slice().unwrap()).collect();
-                    let cin = w.ncols();
-                    dots(&rows, &im.cols[at..at + cin], &mut out);
-                    for (j, o) in out.iter().enumerate() {
-                        pred[[r, 5 + j]] = sigmoid(o + head.biases[l][a * no + 5 + j]);
-                    }
-                }
-                let predn = match im.nms.run(pred.view(), opts.conf_thres, opts.max_det) {
-                    Some(mut det) => {
-                        let lb = &im.meta;
-                        scale_boxes([lb.imgsz, lb.imgsz], det.slice_mut(s![.., ..4]), lb.shape0, Some(super::ratio_pad(lb)));
-                        det
-                    }
-                    None => postprocess(pred.view(), &im.meta, opts.conf_thres, opts.iou_thres, true, opts.max_det),
-                };
-                ImageResult { predn, labelsn: im.labelsn.clone(), targets: im.targets.clone(), skipped_labels: im.skipped_labels.clone(), segments: im.segments }
-            })
-            .collect();
+        let prof = Profile::default();
+        let cr = ClassRows::of(head);
+        let dets: Vec<Array2<f32>> = self.images.par_iter().map(|im| im.detections(&cr, head.nc, opts, &prof)).collect();
+        let per_image = start.elapsed();
+        let t = Instant::now();
         let mut acc = Accumulator::new(head);
-        for r in results {
-            acc.add(r, None);
+        for (im, predn) in self.images.iter().zip(dets) {
+            acc.add(ImageResult { predn, labelsn: im.labelsn.clone(), targets: im.targets.clone(), skipped_labels: im.skipped_labels.clone(), segments: im.segments }, None);
         }
-        acc.finish(head, None, start)
+        let stats = t.elapsed();
+        let t = Instant::now();
+        let report = acc.finish(head, None, start);
+        if crate::autograd::profile::enabled() {
+            eprintln!(
+                "sparse val: {:.1} ms = per image {:.1} ms wall (class scores {:.1} ms + NMS {:.1} ms over the threads; {} keys, {} kept, {} fallbacks) + stats.update {:.1} ms + finish (AP) {:.1} ms",
+                start.elapsed().as_secs_f64() * 1e3,
+                per_image.as_secs_f64() * 1e3,
+                Profile::ms(&prof.scores),
+                Profile::ms(&prof.nms),
+                prof.keys.load(Ordering::Relaxed),
+                prof.kept.load(Ordering::Relaxed),
+                prof.fallbacks.load(Ordering::Relaxed),
+                stats.as_secs_f64() * 1e3,
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        report
     }
 }

@@ -1,9 +1,10 @@
 //! The sparse path of `--train cls` (train::sparse, val::sparse,
 //! cache::sparse) against the dense path on the project's 3-class test model:
 //! the same head after 3 epochs with the same seed, the same metrics from
-//! sparse validation as from dense validation of the same head, and a sparse
-//! cache that rebuilds nothing when class ids change and only the changed
-//! image when a box moves.
+//! sparse validation as from dense validation of the same head (also of a
+//! model extended by --add-classes, validated on the dataset's classes),
+//! `--add-classes` training sparse as dense, and a sparse cache that rebuilds
+//! nothing when class ids change and only the changed image when a box moves.
 
 use crate::common;
 use crate::train::{dataset, ok, train};
@@ -93,26 +94,25 @@ fn the_sparse_cache_rebuilds_only_what_changed_in_the_labels() {
     assert_eq!(built("d"), 1);
 }
 
-#[test]
-fn sparse_validation_equals_dense_validation_of_the_same_head() {
-    let dir = tempfile::tempdir().unwrap();
-    // the demo model detects its synthetic shapes: metrics that are not all zero
-    let yaml = freezesplit::demo::synth::colour_dataset(dir.path(), 1, 12, 3).unwrap();
+/// The demo model's cached val split (12 images of its synthetic shapes, so
+/// the metrics are not all zero) and its head.
+fn demo_split(dir: &Path) -> (Vec<freezesplit::val::ValItem>, Head) {
+    let yaml = freezesplit::demo::synth::colour_dataset(dir, 1, 12, 3).unwrap();
     let model = Model::load(&freezesplit::demo::demo_model()).unwrap();
     let images = freezesplit::data::Dataset::load(&yaml).unwrap().labelled_images("val").unwrap();
     let imgsz = model.spec.imgsz.map_or(256, |s| s[0]);
-    let (cache, frozen) = FeatureCache::open(&dir.path().join("cache"), &model, imgsz).unwrap();
+    let (cache, frozen) = FeatureCache::open(&dir.join("cache"), &model, imgsz).unwrap();
     let eopts = EngineOptions { engine: EngineChoice::Tract, threads: 2, ..Default::default() };
     let mut engines = Engine::for_fill(&model.path, &frozen, imgsz, &eopts).unwrap();
     build::fill(&cache, &mut engines, &images, &build::FillOptions { batch_size: 2, dtype: freezesplit::cache::Dtype::F16, progress: false }).unwrap();
-    let opts = ValOptions { losses: false, ..Default::default() };
-    let (items, skipped) = cached_items(&cache, &images, opts.dtype);
+    let (items, skipped) = cached_items(&cache, &images, freezesplit::cache::Dtype::F16);
     assert!(skipped.is_empty() && items.len() == 12);
+    (items, Head::from_model(&model).unwrap())
+}
 
-    let head0 = Head::from_model(&model).unwrap();
-    let sv = freezesplit::val::sparse::SparseVal::build(&head0, &items, &opts).unwrap();
-    assert!(sv.candidates() > 0);
-    // class rows moved as training moves them; box and objectness rows kept
+/// `head0` with its class rows moved as training moves them; box and
+/// objectness rows kept.
+fn moved_class_rows(head0: &Head) -> Head {
     let mut head = head0.clone();
     let no = head.no();
     for (l, (w, b)) in head.weights.iter_mut().zip(head.biases.iter_mut()).enumerate() {
@@ -121,20 +121,83 @@ fn sparse_validation_equals_dense_validation_of_the_same_head() {
             b[r] += 0.3 * ((r % 3) as f32 - 1.0);
         }
     }
+    head
+}
+
+/// Dense and sparse validation of `heads` (the first one the sparse
+/// candidates are built from) agree within 1e-6; their mAP50-95s.
+fn assert_sparse_equals_dense(items: &[freezesplit::val::ValItem], heads: &[Head]) -> Vec<f64> {
+    let opts = ValOptions { losses: false, ..Default::default() };
+    let sv = freezesplit::val::sparse::SparseVal::build(&heads[0], items, &opts).unwrap();
+    assert!(sv.candidates() > 0);
     let mut maps = Vec::new();
-    for h in [&head0, &head] {
-        let d = validate_items(h, &items, &opts).unwrap().summary;
+    for h in heads {
+        let d = validate_items(h, items, &opts).unwrap().summary;
         let s = sv.validate(h, &opts).summary;
         for (what, x, y) in [("P", d.mp, s.mp), ("R", d.mr, s.mr), ("mAP50", d.map50, s.map50), ("mAP50-95", d.map, s.map), ("class-agnostic mAP50", d.agnostic_map50, s.agnostic_map50), ("class accuracy", d.class_accuracy.accuracy, s.class_accuracy.accuracy)] {
             assert!((x - y).abs() <= 1e-6, "{what}: dense {x} sparse {y}");
+        }
+        for (a, b) in d.per_class.iter().zip(&s.per_class) {
+            assert_eq!(a.class, b.class);
+            assert!((a.ap50_95 - b.ap50_95).abs() <= 1e-6 && (a.ap50 - b.ap50).abs() <= 1e-6, "class {}: dense {a:?} sparse {b:?}", a.class);
         }
         maps.push(d.map);
         assert_eq!(d.seen, s.seen);
         assert_eq!(d.class_accuracy.matched, s.class_accuracy.matched);
         assert_eq!(d.per_class.len(), s.per_class.len());
     }
+    maps
+}
+
+#[test]
+fn sparse_validation_equals_dense_validation_of_the_same_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let (items, head0) = demo_split(dir.path());
+    let head = moved_class_rows(&head0);
+    let maps = assert_sparse_equals_dense(&items, &[head0, head]);
     // the class rows decide the metrics here, so the comparison is not empty
     assert!(maps[0] > 0.05 && (maps[0] - maps[1]).abs() > 1e-3, "mAP50-95 of the two heads: {maps:?}");
+}
+
+#[test]
+fn sparse_validation_of_an_extended_model_equals_dense_validation() {
+    use freezesplit::val::classes::select_classes;
+    use rand::SeedableRng;
+    let dir = tempfile::tempdir().unwrap();
+    let (items, head0) = demo_split(dir.path());
+    // --add-classes: one class appended to the 9; the dataset (3 classes)
+    // names model classes 0 and 2 and the new one (as its class 1), so the
+    // other 7 are dropped before NMS, as `Run::validate` does
+    let ext = freezesplit::train::add_classes::extend_head(&head0, &["star".to_string()], &mut rand_chacha::ChaCha8Rng::seed_from_u64(3));
+    let ids = [0, head0.nc, 2];
+    let trained = moved_class_rows(&ext);
+    let maps = assert_sparse_equals_dense(&items, &[select_classes(&ext, &ids), select_classes(&trained, &ids)]);
+    assert!(maps[0] > 0.02 && (maps[0] - maps[1]).abs() > 1e-4, "mAP50-95 of the two heads: {maps:?}");
+}
+
+#[test]
+fn add_classes_trains_sparse_by_default_and_as_dense_does() {
+    let dir = tempfile::tempdir().unwrap();
+    // the model's classes are circle, square, triangle
+    let yaml = dataset(dir.path(), &["Square", "star"]);
+    let dense = train(dir.path(), &yaml, "dense", &["--add-classes", "--dense"]);
+    ok(&dense);
+    assert!(!String::from_utf8_lossy(&dense.stderr).contains("sparse:"));
+    let sparse = train(dir.path(), &yaml, "sparse", &["--add-classes"]);
+    ok(&sparse);
+    assert!(String::from_utf8_lossy(&sparse.stderr).contains("sparse: train"), "{}", String::from_utf8_lossy(&sparse.stderr));
+    let (hd, hs) = (last_head(dir.path(), "dense"), last_head(dir.path(), "sparse"));
+    assert_eq!(hs.names, vec!["circle", "square", "triangle", "star"]);
+    let d = max_diff(&hd, &hs);
+    assert!(d <= 1e-5, "sparse and dense extended heads differ by {d} after 3 epochs");
+    let (rd, rs) = (csv(dir.path(), "dense"), csv(dir.path(), "sparse"));
+    assert_eq!(rd.len(), 3);
+    for (a, b) in rd.iter().zip(&rs) {
+        for k in 1..11 {
+            let tol = if (4..8).contains(&k) { 1e-6 } else { 1e-4 * a[k].abs().max(1e-3) };
+            assert!((a[k] - b[k]).abs() <= tol, "results.csv column {k}: dense {} sparse {}", a[k], b[k]);
+        }
+    }
 }
 
 #[test]
