@@ -23,7 +23,28 @@ use crate::tail::ops::{ConvSpec, ConvTransposeSpec};
 /// From this many output pixels on, dW = dY·colᵀ runs as row dot products
 /// (`sgemm_nt_acc`: no packing); below, as a packed GEMM on the transposed
 /// col (the dot kernel's per-tile lane sums then cost more than the packing).
-const NT_MIN_P: usize = 1600;
+pub(crate) const NT_MIN_P: usize = 1600;
+
+thread_local! {
+    /// This thread's col matrix from its previous image (see `take_col`).
+    static COL: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A col buffer of `len` floats: the one this thread used last, contents
+/// left as they were (im2col and the beta = 0 GEMMs that fill it overwrite
+/// every entry), so an image costs no multi-MB allocation and zero-fill.
+/// Hand it back with `give_col`.
+fn take_col(len: usize) -> Vec<f32> {
+    let mut v = COL.take();
+    v.resize(len, 0.0);
+    v
+}
+
+fn give_col(v: Vec<f32>) {
+    if v.capacity() > 0 {
+        COL.set(v);
+    }
+}
 
 /// A value's data in row-major order (borrowed when it already is).
 pub(super) fn contiguous(a: &ArrayD<f32>) -> std::borrow::Cow<'_, [f32]> {
@@ -93,7 +114,7 @@ impl Tape {
         let mut out = vec![0.0f32; n * m * p];
         out.par_chunks_mut(m * p).enumerate().for_each(|(i, oi)| {
             let xi = &xs[i * c * h * wd..(i + 1) * c * h * wd];
-            let mut col = if g.is_pointwise() { Vec::new() } else { vec![0.0; k * p] };
+            let mut col = if g.is_pointwise() { Vec::new() } else { take_col(k * p) };
             for gi in 0..groups {
                 let xg = &xi[gi * cg * h * wd..(gi + 1) * cg * h * wd];
                 let cm: &[f32] = if g.is_pointwise() {
@@ -106,6 +127,7 @@ impl Tape {
                 fill_bias(og, bias.as_ref().map(|b| &b[gi * mg..(gi + 1) * mg]), p);
                 sgemm(mg, k, p, 1.0, Mat::rows(&ws[gi * mg * k..(gi + 1) * mg * k], k), Mat::rows(cm, p), 1.0, og);
             }
+            give_col(col);
         });
         let v = ArrayD::from_shape_vec(IxDyn(&[n, m, g.oh, g.ow]), out).unwrap();
         let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
@@ -129,7 +151,7 @@ impl Tape {
         let mut out = vec![0.0f32; n * m * op];
         out.par_chunks_mut(m * op).enumerate().for_each(|(i, oi)| {
             let xi = &xs[i * c * p..(i + 1) * c * p];
-            let mut col = if g.is_pointwise() { Vec::new() } else { vec![0.0; k * p] };
+            let mut col = if g.is_pointwise() { Vec::new() } else { take_col(k * p) };
             for gi in 0..groups {
                 let og = &mut oi[gi * mg * op..(gi + 1) * mg * op];
                 fill_bias(og, bias.as_ref().map(|b| &b[gi * mg..(gi + 1) * mg]), op);
@@ -141,6 +163,7 @@ impl Tape {
                     col2im(&g, &col, og);
                 }
             }
+            give_col(col);
         });
         let v = ArrayD::from_shape_vec(IxDyn(&[n, m, g.h, g.w]), out).unwrap();
         let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
@@ -173,7 +196,7 @@ pub fn conv2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec: &ConvSpec
         .enumerate()
         .map(|(i, dxi)| {
             let mut dw = if need_w { vec![0.0f32; m * k] } else { Vec::new() };
-            let mut col = if geo.is_pointwise() { Vec::new() } else { vec![0.0; k * p] };
+            let mut col = if geo.is_pointwise() { Vec::new() } else { take_col(k * p) };
             for gi in 0..groups {
                 let gy = Mat::rows(&gs[(i * m + gi * mg) * p..(i * m + (gi + 1) * mg) * p], p);
                 if need_w {
@@ -202,6 +225,7 @@ pub fn conv2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec: &ConvSpec
                     }
                 }
             }
+            give_col(col);
             dw
         })
         .collect();
@@ -239,7 +263,7 @@ pub fn conv_transpose2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec:
         .enumerate()
         .map(|(i, dxi)| {
             let mut dw = if need_w { vec![0.0f32; c * k] } else { Vec::new() };
-            let mut col = if geo.is_pointwise() { Vec::new() } else { vec![0.0; k * p] };
+            let mut col = if geo.is_pointwise() { Vec::new() } else { take_col(k * p) };
             for gi in 0..groups {
                 let gy = &gs[(i * m + gi * mg) * op..(i * m + (gi + 1) * mg) * op];
                 // the conv's forward on dY: its col matrix [k, p]
@@ -258,6 +282,7 @@ pub fn conv_transpose2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec:
                     sgemm(cg, p, k, 1.0, xg, Mat::t(cm, p), 0.0, &mut dw[gi * cg * k..(gi + 1) * cg * k]);
                 }
             }
+            give_col(col);
             dw
         })
         .collect();
