@@ -7,7 +7,8 @@
 // Backward is composed from the same pieces (as candle's backprop.rs does):
 // conv dW = dY · colᵀ, dX = col2im(Wᵀ · dY); the transposed conv is the
 // adjoint of a conv, so its forward is the conv's dX and its dX the conv's
-// forward. dW uses row dot products on large maps (see NT_MIN_P). dX is
+// forward. dW uses row dot products on large maps (see NT_MIN_P); the
+// conv's dX adds into x's gradient buffer in place. dX is
 // skipped when x needs no gradient (the tail's first layer reads cached
 // features), dW/db when the weights are frozen. The per-image
 // weight partials are summed in image order, so results do not depend on
@@ -190,8 +191,14 @@ pub fn conv2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec: &ConvSpec
     let xs = contiguous(t.value(x));
     let ws = contiguous(t.value(w));
     let chw = c * h * wd;
-    let mut dx = if need_x { vec![0.0f32; n * chw] } else { Vec::new() };
-    let parts: Vec<Vec<f32>> = chunks_or_empty(&mut dx, chw, n)
+    // dX adds straight into x's gradient buffer (zeros, or what x's other
+    // readers left there: a C3's input feeds two convs), which saves a
+    // full-size temporary and the pass adding it; a buffer in another
+    // layout (from some other op's `add`) gets a temporary as before
+    let in_place = need_x && acc.buffer(x).is_standard_layout();
+    let mut own = if need_x && !in_place { vec![0.0f32; n * chw] } else { Vec::new() };
+    let dx: &mut [f32] = if in_place { acc.buffer(x).as_slice_mut().expect("standard layout") } else { &mut own };
+    let parts: Vec<Vec<f32>> = chunks_or_empty(dx, chw, n)
         .into_par_iter()
         .enumerate()
         .map(|(i, dxi)| {
@@ -218,7 +225,7 @@ pub fn conv2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec: &ConvSpec
                     let wt = Mat::t(&ws[gi * mg * k..(gi + 1) * mg * k], k);
                     let dxg = &mut dxi[gi * cg * h * wd..(gi + 1) * cg * h * wd];
                     if geo.is_pointwise() {
-                        sgemm(k, mg, p, 1.0, wt, gy, 0.0, dxg);
+                        sgemm(k, mg, p, 1.0, wt, gy, 1.0, dxg);
                     } else {
                         sgemm(k, mg, p, 1.0, wt, gy, 0.0, &mut col);
                         col2im(&geo, &col, dxg);
@@ -232,8 +239,8 @@ pub fn conv2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec: &ConvSpec
     if need_w {
         acc.add(w, sum_parts(parts, t.value(w).shape()));
     }
-    if need_x {
-        acc.add(x, ArrayD::from_shape_vec(IxDyn(&[n, c, h, wd]), dx).unwrap());
+    if need_x && !in_place {
+        acc.add(x, ArrayD::from_shape_vec(IxDyn(&[n, c, h, wd]), own).unwrap());
     }
 }
 
