@@ -6,6 +6,9 @@
 //    (from ../shared/models/yolov5n.onnx), on 1 and 2 rayon threads, as a % of
 //    that peak. FLOPs count 2·N·M·(C/g·kH·kW)·H'·W' per pass (padding
 //    included), the convention oneDNN and PyTorch benchmarks use.
+// On 1 thread the times are the thread's CPU time (/proc/thread-self/schedstat),
+// so that other processes on a shared machine inflate them less than the wall
+// clock; 2 threads use the wall clock.
 // Run: cargo run --release --features tools --example bench_conv [BATCH]
 
 use std::time::Instant;
@@ -61,17 +64,22 @@ mod peak {
     pub fn gflops(width: usize, threads: usize) -> f64 {
         let iters = ITERS / width as u64;
         let t0 = std::time::Instant::now();
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(move || {
-                    // SAFETY: callers check the CPU features first.
-                    let v = unsafe { if width == 16 { fma_avx512(iters) } else { fma_avx2(iters) } };
-                    std::hint::black_box(v);
-                });
-            }
+        let cpu = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(move || {
+                        let c0 = super::cpu_s();
+                        // SAFETY: callers check the CPU features first.
+                        let v = unsafe { if width == 16 { fma_avx512(iters) } else { fma_avx2(iters) } };
+                        std::hint::black_box(v);
+                        super::cpu_s() - c0
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).fold(0.0, f64::max)
         });
         let flops = 2.0 * 12.0 * width as f64 * iters as f64 * threads as f64;
-        flops / t0.elapsed().as_secs_f64() / 1e9
+        flops / if threads == 1 { cpu } else { t0.elapsed().as_secs_f64() } / 1e9
     }
 }
 
@@ -101,13 +109,30 @@ const SHAPES: &[(&str, usize, usize, usize, usize, usize)] = &[
     ("L23.cv3 1x1 256>256 @20", 256, 256, 1, 1, 20),
 ];
 
-/// Best-of-`reps` seconds of `f`.
+/// This thread's CPU time in seconds (0 where /proc has no schedstat).
+fn cpu_s() -> f64 {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 1e9
+}
+
+/// Seconds per call of `f`: the best of `reps` rounds, each the mean of as
+/// many calls as fill 0.2 s (CPU time on this machine ticks in 4 ms steps).
+/// CPU time when rayon has one thread (the work then runs on this thread),
+/// wall time otherwise.
 fn best(reps: usize, mut f: impl FnMut()) -> f64 {
+    let cpu = rayon::current_num_threads() == 1;
     (0..reps)
         .map(|_| {
-            let t0 = Instant::now();
-            f();
-            t0.elapsed().as_secs_f64()
+            let (t0, c0) = (Instant::now(), cpu_s());
+            let mut calls = 0;
+            loop {
+                f();
+                calls += 1;
+                let d = if cpu { cpu_s() - c0 } else { t0.elapsed().as_secs_f64() };
+                if d >= 0.2 {
+                    break d / calls as f64;
+                }
+            }
         })
         .fold(f64::INFINITY, f64::min)
 }
@@ -118,11 +143,13 @@ fn time_conv(n: usize, cin: usize, cout: usize, k: usize, s: usize, hw: usize) -
     let x = rand(&[n, cin, hw, hw], 1);
     let w = rand(&[cout, cin, k, k], 2);
     let b = rand(&[cout], 3);
-    let reps = 3;
+    let reps = 2;
     let mut t = Tape::new();
     let (xv, wv, bv) = (t.constant(x.clone()), t.constant(w.clone()), t.constant(b.clone()));
     let fwd = best(reps, || {
         std::hint::black_box(t.conv2d(xv, wv, Some(bv), &spec));
+        // drop the output (the outputs of many calls would pile up)
+        t.nodes.truncate(3);
     });
     drop(t);
     let bwd = |x_param: bool| {
@@ -139,6 +166,8 @@ fn time_conv(n: usize, cin: usize, cout: usize, k: usize, s: usize, hw: usize) -
 
 fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(16);
+    // BENCH_THREADS=1: only the 1-thread table
+    let max_threads: usize = std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let mut peak1 = 0.0;
     let mut peak2 = 0.0;
     #[cfg(target_arch = "x86_64")]
@@ -155,7 +184,7 @@ fn main() {
         }
     }
     println!("batch {n}; GFLOP/s and % of the best peak above (fwd | dW | dX)");
-    for threads in [1usize, 2] {
+    for threads in (1..=max_threads).filter(|t| [1, 2].contains(t)) {
         let peak = if threads == 1 { peak1 } else { peak2 };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         println!("-- {threads} thread(s), peak {peak:.1} GFLOP/s");

@@ -21,7 +21,19 @@ use freezesplit::train::tail::{TailRun, add_params, step};
 use ndarray::{Array2, ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
 
+/// This process's CPU time (user + system) in seconds, from /proc/self/stat
+/// (0 where there is none): a step's work on a machine shared with others.
+fn cpu_s() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // the fields after the command name's closing parenthesis: utime is the 12th, stime the 13th
+    let f: Vec<&str> = s.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let ticks: f64 = f.get(11..13).map_or(0.0, |v| v.iter().filter_map(|x| x.parse::<f64>().ok()).sum());
+    ticks / 100.0
+}
+
 fn main() {
+    // as the CLI does (FREEZESPLIT_MALLOC=default: glibc's defaults)
+    freezesplit::kernels::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let ns: Vec<usize> = args.get(1).map_or(vec![17, 10], |s| s.split(',').map(|v| v.parse().unwrap()).collect());
     let bs: usize = args.get(2).map_or(16, |s| s.parse().unwrap());
@@ -72,15 +84,17 @@ fn main() {
         profile::take();
         let mut times = Vec::new();
         let mut last = [0.0; 3];
+        let c0 = cpu_s();
         for _ in 0..reps {
             let t0 = Instant::now();
             let (l, _g) = step(&store, crossing.clone(), targets.view(), bs, &cfg, &grids, &layout, &tail);
             times.push(t0.elapsed().as_secs_f64());
             last = l;
         }
+        let cpu = (cpu_s() - c0) / reps as f64;
         let mean = times.iter().sum::<f64>() / reps as f64;
         let min = times.iter().cloned().fold(f64::MAX, f64::min);
-        println!("N = {n}: step {mean:.3} s mean, {min:.3} s min over {reps} (loss {last:?}); {} steps/epoch of 439 images -> {:.1} s", 439usize.div_ceil(bs), mean * 439usize.div_ceil(bs) as f64);
+        println!("N = {n}: step {mean:.3} s mean, {min:.3} s min over {reps}, CPU {cpu:.3} s/step (loss {last:?}); {} steps/epoch of 439 images -> {:.1} s", 439usize.div_ceil(bs), mean * 439usize.div_ceil(bs) as f64);
         let totals = profile::take();
         if !totals.is_empty() {
             let mut rows: Vec<_> = totals.into_iter().collect();

@@ -7,7 +7,8 @@
 // Backward is composed from the same pieces (as candle's backprop.rs does):
 // conv dW = dY · colᵀ, dX = col2im(Wᵀ · dY); the transposed conv is the
 // adjoint of a conv, so its forward is the conv's dX and its dX the conv's
-// forward. dW uses row dot products on large maps (see NT_MIN_P). dX is
+// forward. dW uses row dot products on large maps (see NT_MIN_P); the
+// conv's dX adds into x's gradient buffer in place. dX is
 // skipped when x needs no gradient (the tail's first layer reads cached
 // features), dW/db when the weights are frozen. The per-image
 // weight partials are summed in image order, so results do not depend on
@@ -23,7 +24,28 @@ use crate::tail::ops::{ConvSpec, ConvTransposeSpec};
 /// From this many output pixels on, dW = dY·colᵀ runs as row dot products
 /// (`sgemm_nt_acc`: no packing); below, as a packed GEMM on the transposed
 /// col (the dot kernel's per-tile lane sums then cost more than the packing).
-const NT_MIN_P: usize = 1600;
+pub(crate) const NT_MIN_P: usize = 1600;
+
+thread_local! {
+    /// This thread's col matrix from its previous image (see `take_col`).
+    static COL: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A col buffer of `len` floats: the one this thread used last, contents
+/// left as they were (im2col and the beta = 0 GEMMs that fill it overwrite
+/// every entry), so an image costs no multi-MB allocation and zero-fill.
+/// Hand it back with `give_col`.
+fn take_col(len: usize) -> Vec<f32> {
+    let mut v = COL.take();
+    v.resize(len, 0.0);
+    v
+}
+
+fn give_col(v: Vec<f32>) {
+    if v.capacity() > 0 {
+        COL.set(v);
+    }
+}
 
 /// A value's data in row-major order (borrowed when it already is).
 pub(super) fn contiguous(a: &ArrayD<f32>) -> std::borrow::Cow<'_, [f32]> {
@@ -93,7 +115,7 @@ impl Tape {
         let mut out = vec![0.0f32; n * m * p];
         out.par_chunks_mut(m * p).enumerate().for_each(|(i, oi)| {
             let xi = &xs[i * c * h * wd..(i + 1) * c * h * wd];
-            let mut col = if g.is_pointwise() { Vec::new() } else { vec![0.0; k * p] };
+            let mut col = if g.is_pointwise() { Vec::new() } else { take_col(k * p) };
             for gi in 0..groups {
                 let xg = &xi[gi * cg * h * wd..(gi + 1) * cg * h * wd];
                 let cm: &[f32] = if g.is_pointwise() {
@@ -106,6 +128,7 @@ impl Tape {
                 fill_bias(og, bias.as_ref().map(|b| &b[gi * mg..(gi + 1) * mg]), p);
                 sgemm(mg, k, p, 1.0, Mat::rows(&ws[gi * mg * k..(gi + 1) * mg * k], k), Mat::rows(cm, p), 1.0, og);
             }
+            give_col(col);
         });
         let v = ArrayD::from_shape_vec(IxDyn(&[n, m, g.oh, g.ow]), out).unwrap();
         let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
@@ -129,7 +152,7 @@ impl Tape {
         let mut out = vec![0.0f32; n * m * op];
         out.par_chunks_mut(m * op).enumerate().for_each(|(i, oi)| {
             let xi = &xs[i * c * p..(i + 1) * c * p];
-            let mut col = if g.is_pointwise() { Vec::new() } else { vec![0.0; k * p] };
+            let mut col = if g.is_pointwise() { Vec::new() } else { take_col(k * p) };
             for gi in 0..groups {
                 let og = &mut oi[gi * mg * op..(gi + 1) * mg * op];
                 fill_bias(og, bias.as_ref().map(|b| &b[gi * mg..(gi + 1) * mg]), op);
@@ -141,6 +164,7 @@ impl Tape {
                     col2im(&g, &col, og);
                 }
             }
+            give_col(col);
         });
         let v = ArrayD::from_shape_vec(IxDyn(&[n, m, g.h, g.w]), out).unwrap();
         let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
@@ -167,13 +191,19 @@ pub fn conv2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec: &ConvSpec
     let xs = contiguous(t.value(x));
     let ws = contiguous(t.value(w));
     let chw = c * h * wd;
-    let mut dx = if need_x { vec![0.0f32; n * chw] } else { Vec::new() };
-    let parts: Vec<Vec<f32>> = chunks_or_empty(&mut dx, chw, n)
+    // dX adds straight into x's gradient buffer (zeros, or what x's other
+    // readers left there: a C3's input feeds two convs), which saves a
+    // full-size temporary and the pass adding it; a buffer in another
+    // layout (from some other op's `add`) gets a temporary as before
+    let in_place = need_x && acc.buffer(x).is_standard_layout();
+    let mut own = if need_x && !in_place { vec![0.0f32; n * chw] } else { Vec::new() };
+    let dx: &mut [f32] = if in_place { acc.buffer(x).as_slice_mut().expect("standard layout") } else { &mut own };
+    let parts: Vec<Vec<f32>> = chunks_or_empty(dx, chw, n)
         .into_par_iter()
         .enumerate()
         .map(|(i, dxi)| {
             let mut dw = if need_w { vec![0.0f32; m * k] } else { Vec::new() };
-            let mut col = if geo.is_pointwise() { Vec::new() } else { vec![0.0; k * p] };
+            let mut col = if geo.is_pointwise() { Vec::new() } else { take_col(k * p) };
             for gi in 0..groups {
                 let gy = Mat::rows(&gs[(i * m + gi * mg) * p..(i * m + (gi + 1) * mg) * p], p);
                 if need_w {
@@ -195,21 +225,22 @@ pub fn conv2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec: &ConvSpec
                     let wt = Mat::t(&ws[gi * mg * k..(gi + 1) * mg * k], k);
                     let dxg = &mut dxi[gi * cg * h * wd..(gi + 1) * cg * h * wd];
                     if geo.is_pointwise() {
-                        sgemm(k, mg, p, 1.0, wt, gy, 0.0, dxg);
+                        sgemm(k, mg, p, 1.0, wt, gy, 1.0, dxg);
                     } else {
                         sgemm(k, mg, p, 1.0, wt, gy, 0.0, &mut col);
                         col2im(&geo, &col, dxg);
                     }
                 }
             }
+            give_col(col);
             dw
         })
         .collect();
     if need_w {
         acc.add(w, sum_parts(parts, t.value(w).shape()));
     }
-    if need_x {
-        acc.add(x, ArrayD::from_shape_vec(IxDyn(&[n, c, h, wd]), dx).unwrap());
+    if need_x && !in_place {
+        acc.add(x, ArrayD::from_shape_vec(IxDyn(&[n, c, h, wd]), own).unwrap());
     }
 }
 
@@ -239,7 +270,7 @@ pub fn conv_transpose2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec:
         .enumerate()
         .map(|(i, dxi)| {
             let mut dw = if need_w { vec![0.0f32; c * k] } else { Vec::new() };
-            let mut col = if geo.is_pointwise() { Vec::new() } else { vec![0.0; k * p] };
+            let mut col = if geo.is_pointwise() { Vec::new() } else { take_col(k * p) };
             for gi in 0..groups {
                 let gy = &gs[(i * m + gi * mg) * op..(i * m + (gi + 1) * mg) * op];
                 // the conv's forward on dY: its col matrix [k, p]
@@ -258,6 +289,7 @@ pub fn conv_transpose2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec:
                     sgemm(cg, p, k, 1.0, xg, Mat::t(cm, p), 0.0, &mut dw[gi * cg * k..(gi + 1) * cg * k]);
                 }
             }
+            give_col(col);
             dw
         })
         .collect();

@@ -183,14 +183,15 @@ mod tests {
     }
 
     /// The AVX-512 kernels against matrixmultiply on the same operands: every
-    /// stride layout, edges in all three dimensions, several k blocks.
+    /// stride layout, edges in all three dimensions, several k blocks (and,
+    /// for the row dot products, several chunks and column blocks).
     #[test]
     fn avx512_gemm_matches_the_fallback() {
         if !has_avx512() {
             eprintln!("skipping avx512_gemm_matches_the_fallback: this CPU has no AVX-512");
             return;
         }
-        for (m, k, n) in [(1, 1, 1), (3, 5, 7), (8, 128, 48), (9, 129, 49), (17, 300, 100), (32, 288, 800), (64, 40, 1601)] {
+        for (m, k, n) in [(1, 1, 1), (3, 5, 7), (8, 128, 48), (9, 129, 49), (17, 300, 100), (32, 288, 800), (64, 40, 1601), (9, 1100, 53)] {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 let (a, b, c0) = (vals(m * k, 1), vals(k * n, 2), vals(m * n, 3));
                 let am = if ta { Mat::t(&a, m) } else { Mat::rows(&a, k) };

@@ -18,6 +18,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+pub mod alloc;
 pub mod bce;
 pub mod conv;
 pub mod elementwise;

@@ -5,8 +5,8 @@
 // `x.view(bs, na, no, ny, nx).permute(0, 1, 3, 4, 2)` gives after the conv.
 // Why: the conv, reshape, permute, reshape chain materialises four
 // full-size copies forward and four backward; here each image/anchor block
-// is one strided GEMM (p_ba = x_bᵀ · W_aᵀ, the transposes are strides), and
-// the backward transposes each image's p gradient to the conv's layout
+// is one GEMM in the conv's layout (y_b = W · x_b + b, [na*no, ny*nx]) then
+// transposed into p's rows in cache, and the backward transposes each image's p gradient to the conv's layout
 // G_b [na*no, ny*nx] (in cache) for dW = Σ_b G_b · x_bᵀ, dx_b = Wᵀ · G_b;
 // db = column sums. Images run in parallel; the
 // per-image weight partials are summed in image order (thread-count
@@ -15,9 +15,9 @@
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
-use crate::autograd::conv::contiguous;
+use crate::autograd::conv::{NT_MIN_P, contiguous};
 use crate::autograd::tape::{FusedOp, GradAcc, Tape, Var};
-use crate::kernels::conv::{Mat, sgemm};
+use crate::kernels::conv::{Mat, sgemm, sgemm_nt_acc};
 
 fn dims(t: &Tape, x: Var, w: Var, na: usize) -> (usize, usize, usize, usize) {
     let xs = t.value(x).shape();
@@ -45,10 +45,16 @@ impl Tape {
         let mut out = vec![0.0f32; n * na * p * no];
         out.par_chunks_mut(na * p * no).enumerate().for_each(|(i, oi)| {
             let xi = &xs[i * cin * p..(i + 1) * cin * p];
-            for (a, oa) in oi.chunks_exact_mut(p * no).enumerate() {
-                let bias = &bs[a * no..(a + 1) * no];
-                oa.chunks_exact_mut(no).for_each(|r| r.copy_from_slice(bias));
-                sgemm(p, cin, no, 1.0, Mat::t(xi, p), Mat::t(&ws[a * no * cin..(a + 1) * no * cin], cin), 1.0, oa);
+            // the conv's own layout first, y [na*no, p] = W · x_i + b (one
+            // GEMM with n = p: per anchor with n = no the 48-wide kernel ran
+            // mostly on padding), then transposed into the p rows in cache
+            let mut y = vec![0.0f32; na * no * p];
+            y.chunks_exact_mut(p).zip(bs.iter()).for_each(|(r, &v)| r.fill(v));
+            sgemm(na * no, cin, p, 1.0, Mat::rows(&ws, cin), Mat::rows(xi, p), 1.0, &mut y);
+            for (ya, oa) in y.chunks_exact(no * p).zip(oi.chunks_exact_mut(p * no)) {
+                for (o, yr) in ya.chunks_exact(p).enumerate() {
+                    oa.iter_mut().skip(o).step_by(no).zip(yr).for_each(|(d, &v)| *d = v);
+                }
             }
         });
         let v = ArrayD::from_shape_vec(IxDyn(&[n * na * p, no]), out).unwrap();
@@ -99,15 +105,18 @@ fn backward(t: &Tape, op: &HeadRows, g: ArrayD<f32>, acc: &mut GradAcc) {
             let gi = &gs[i * na * p * no..(i + 1) * na * p * no];
             let mut gt = vec![0.0f32; na * no * p];
             for (gba, gta) in gi.chunks_exact(p * no).zip(gt.chunks_exact_mut(no * p)) {
-                for (pi, r) in gba.chunks_exact(no).enumerate() {
-                    for (o, &v) in r.iter().enumerate() {
-                        gta[o * p + pi] = v;
-                    }
+                for (o, gr) in gta.chunks_exact_mut(p).enumerate() {
+                    gr.iter_mut().zip(gba.iter().skip(o).step_by(no)).for_each(|(d, &v)| *d = v);
                 }
             }
             let mut dw = if need_w { vec![0.0f32; na * no * cin] } else { Vec::new() };
             if need_w {
-                sgemm(na * no, p, cin, 1.0, Mat::rows(&gt, p), Mat::t(xi, p), 0.0, &mut dw);
+                // as the conv's dW: row dot products on large maps
+                if p >= NT_MIN_P {
+                    sgemm_nt_acc(na * no, cin, p, &gt, p, xi, p, &mut dw);
+                } else {
+                    sgemm(na * no, p, cin, 1.0, Mat::rows(&gt, p), Mat::t(xi, p), 0.0, &mut dw);
+                }
             }
             if need_x {
                 sgemm(cin, na * no, p, 1.0, Mat::t(&ws, cin), Mat::rows(&gt, p), 0.0, dxi);

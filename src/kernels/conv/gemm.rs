@@ -12,9 +12,10 @@
 // panels; an 8x48 register tile (24 zmm accumulators, 3 loads + 8 broadcasts
 // per 24 FMAs); each B micro-panel (KC x NR = 24 KiB) stays in L1 while every
 // A panel streams past it. `sgemm_nt_acc` needs no packing: a 4x6 tile of
-// dot products along the rows, 16 lanes wide, in PC-long chunks, each ending
-// in 24 horizontal sums. Every element's summation order is fixed by the
-// shapes (k blocks / chunks in order), never by the thread count.
+// dot products along the rows, 16 lanes wide, in PC-long chunks (the tile's
+// rows then sit in L1) whose lane partials carry over to the next chunk, so
+// each output ends in one horizontal sum. Every element's summation order is
+// fixed by the shapes (k blocks / lanes in order), never by the thread count.
 
 use std::sync::OnceLock;
 
@@ -149,9 +150,12 @@ mod avx512 {
     const NR: usize = 48;
     const KC: usize = 128;
     const NC: usize = 16 * NR;
-    /// Reduction chunk of `gemm_nt_acc`: long, since each chunk ends in 24
-    /// horizontal sums per tile (measured: 1024 ran at 3/4 of 4096's speed).
-    const PC: usize = 4096;
+    /// Reduction chunk of `gemm_nt_acc` (a multiple of 16): a 4x6 tile's six
+    /// b rows (6·PC floats, 12 KiB) stay in L1 while the a rows stream past.
+    const PC: usize = 512;
+    /// `gemm_nt_acc`'s column block: this many 6-row b tiles share one pass
+    /// over a's chunk; their lane partials (m/4 · JB · 24 vectors) stay in L2.
+    const JB: usize = 8;
 
     // Offsets use `wrapping_add`: the dev profile (tests, benchmarks) keeps
     // debug assertions, and `add`'s precondition check in the inner loops
@@ -180,13 +184,22 @@ mod avx512 {
             let kc = KC.min(k - pc);
             for ip in 0..mp {
                 let dst = &mut ap[pc * mp * MR + ip * kc * MR..][..kc * MR];
+                let i0 = ip * MR;
+                if a.rs == 1 && i0 + MR <= m {
+                    // a transposed matrix (the conv's Wᵀ in dX): a panel's MR
+                    // rows at one kk are MR adjacent floats
+                    for (kk, d) in dst.chunks_exact_mut(MR).enumerate() {
+                        d.copy_from_slice(&a.data[(pc + kk) * a.cs + i0..][..MR]);
+                    }
+                    continue;
+                }
                 for r in 0..MR {
-                    let i = ip * MR + r;
+                    let i = i0 + r;
                     if i >= m {
-                        (0..kc).for_each(|kk| dst[kk * MR + r] = 0.0);
+                        dst.iter_mut().skip(r).step_by(MR).for_each(|d| *d = 0.0);
                     } else if a.cs == 1 {
                         let row = &a.data[i * a.rs + pc..][..kc];
-                        row.iter().enumerate().for_each(|(kk, &v)| dst[kk * MR + r] = v);
+                        dst.iter_mut().skip(r).step_by(MR).zip(row).for_each(|(d, &v)| *d = v);
                     } else {
                         (0..kc).for_each(|kk| dst[kk * MR + r] = a.at(i, pc + kk));
                     }
@@ -213,7 +226,13 @@ mod avx512 {
                     dst.fill(0.0);
                 }
                 for jj in 0..w {
-                    (0..kc).for_each(|kk| dst[kk * NR + jj] = b.at(pc + kk, j0 + jj));
+                    let col = dst.iter_mut().skip(jj).step_by(NR);
+                    if b.rs == 1 {
+                        // a transposed matrix (the col matrix in dW): column jj is contiguous
+                        col.zip(&b.data[(j0 + jj) * b.cs + pc..][..kc]).for_each(|(d, &v)| *d = v);
+                    } else {
+                        col.enumerate().for_each(|(kk, d)| *d = b.at(pc + kk, j0 + jj));
+                    }
                 }
             }
         }
@@ -319,41 +338,74 @@ mod avx512 {
         }
     }
 
-    /// C += A·Bᵀ (see `super::sgemm_nt_acc_on`).
+    thread_local! {
+        /// `gemm_nt_acc`'s 16-lane partial sums, kept per thread.
+        static PARTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// C += A·Bᵀ (see `super::sgemm_nt_acc_on`). Each output keeps 16 lane
+    /// sums over the whole length (lane l adds positions ≡ l mod 16 in
+    /// order), summed by one fixed tree at the end: the order depends on the
+    /// shapes alone, and no chunk ends in horizontal sums.
     ///
     /// # Safety
     /// AVX-512F and the sizes `sgemm_nt_acc_on` checks.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn gemm_nt_acc(m: usize, n: usize, len: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32]) {
-        for p0 in (0..len).step_by(PC) {
-            let pl = PC.min(len - p0);
-            for j0 in (0..n).step_by(6) {
-                // rows past the edge repeat the first one; their sums are dropped
-                let bj: [*const f32; 6] = std::array::from_fn(|t| b[(if j0 + t < n { j0 + t } else { j0 }) * ldb + p0..].as_ptr());
-                for i0 in (0..m).step_by(4) {
-                    let ai: [*const f32; 4] = std::array::from_fn(|t| a[(if i0 + t < m { i0 + t } else { i0 }) * lda + p0..].as_ptr());
-                    // SAFETY: every row pointer has pl floats after it (checked sizes).
-                    let s = unsafe { dot_tile(pl, ai, bj) };
-                    for (r, sr) in s.iter().enumerate().take(m - i0) {
-                        for (t, v) in sr.iter().enumerate().take(n - j0) {
-                            c[(i0 + r) * n + j0 + t] += v;
+        let ti = m.div_ceil(4);
+        PARTS.with(|parts| {
+            let parts = &mut *parts.borrow_mut();
+            let need = ti * JB * 24 * 16;
+            if parts.len() < need {
+                parts.resize(need, 0.0);
+            }
+            for jb in (0..n).step_by(6 * JB) {
+                let tj = (n - jb).div_ceil(6).min(JB);
+                parts[..need].fill(0.0);
+                for p0 in (0..len).step_by(PC) {
+                    let pl = PC.min(len - p0);
+                    for jt in 0..tj {
+                        let j0 = jb + 6 * jt;
+                        // rows past the edge repeat the first one; their sums are dropped
+                        let bj: [*const f32; 6] = std::array::from_fn(|t| b[(if j0 + t < n { j0 + t } else { j0 }) * ldb + p0..].as_ptr());
+                        for it in 0..ti {
+                            let i0 = 4 * it;
+                            let ai: [*const f32; 4] = std::array::from_fn(|t| a[(if i0 + t < m { i0 + t } else { i0 }) * lda + p0..].as_ptr());
+                            let part = &mut parts[(it * JB + jt) * 384..][..384];
+                            // SAFETY: every row pointer has pl floats after it (checked sizes); part holds 24 vectors.
+                            unsafe { dot_tile(pl, ai, bj, part) };
+                        }
+                    }
+                }
+                for jt in 0..tj {
+                    let j0 = jb + 6 * jt;
+                    for it in 0..ti {
+                        let i0 = 4 * it;
+                        let part = &parts[(it * JB + jt) * 384..][..384];
+                        for (r, pr) in part.chunks_exact(96).enumerate().take(m - i0) {
+                            for (t, v) in pr.chunks_exact(16).enumerate().take(n - j0) {
+                                // SAFETY: v holds 16 floats.
+                                c[(i0 + r) * n + j0 + t] += _mm512_reduce_add_ps(unsafe { ld(v.as_ptr()) });
+                            }
                         }
                     }
                 }
             }
-        }
+        })
     }
 
-    /// The 4x6 dot products of a's and b's rows over len floats: 16 lanes,
-    /// then each lane vector summed (a fixed tree).
+    /// Adds the 4x6 lane-wise products of a's and b's rows over len floats
+    /// to `part` (24 vectors, row-major [4][6][16]).
     ///
     /// # Safety
-    /// AVX-512F; every pointer has len floats after it.
+    /// AVX-512F; every pointer has len floats after it; part 384 floats.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn dot_tile(len: usize, a: [*const f32; 4], b: [*const f32; 6]) -> [[f32; 6]; 4] {
-        let mut acc = [[_mm512_setzero_ps(); 6]; 4];
+    unsafe fn dot_tile(len: usize, a: [*const f32; 4], b: [*const f32; 6], part: &mut [f32]) {
+        let pp = part.as_mut_ptr();
+        // SAFETY: part holds 24 vectors.
+        let mut acc: [[__m512; 6]; 4] = std::array::from_fn(|r| std::array::from_fn(|t| unsafe { ld(pp.wrapping_add((r * 6 + t) * 16)) }));
         let full = len / 16;
         for s in 0..full {
             // SAFETY: 16·s + 16 <= len.
@@ -381,6 +433,11 @@ mod avx512 {
                 }
             }
         }
-        acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
+        for r in 0..4 {
+            for t in 0..6 {
+                // SAFETY: within part's 24 vectors.
+                unsafe { _mm512_mask_storeu_ps(pp.wrapping_add((r * 6 + t) * 16), 0xffff, acc[r][t]) };
+            }
+        }
     }
 }
