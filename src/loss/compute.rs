@@ -110,6 +110,26 @@ pub enum ObjLogits {
     Features { x: Var, w: Var, b: Var },
 }
 
+/// CIoU `[n, 1]` of a level's positives: the box columns of `ps` (`[n, ≥4]`
+/// logits) decoded as YOLOv5's Detect does (xy = 2σ − 0.5, wh = (2σ)² ×
+/// anchor, in grid cells) against their targets. The sparse class step calls it
+/// too, for its per-image box loss constants.
+pub(crate) fn positives_ciou(t: &mut Tape, ps: Var, lt: &LevelTargets) -> Var {
+    let n = lt.len();
+    let pxy = t.slice_cols(ps, 0, 2);
+    let pxy = t.sigmoid(pxy);
+    let pxy = t.mul_scalar(pxy, 2.0);
+    let pxy = t.add_scalar(pxy, -0.5);
+    let pwh = t.slice_cols(ps, 2, 4);
+    let pwh = t.sigmoid(pwh);
+    let pwh = t.mul_scalar(pwh, 2.0);
+    let pwh = t.pow(pwh, 2.0);
+    let anch = t.constant(Array2::from_shape_fn((n, 2), |(k, d)| lt.anch[k][d]).into_dyn());
+    let pwh = t.mul(pwh, anch);
+    let tbox = t.constant(Array2::from_shape_fn((n, 4), |(k, d)| lt.tbox[k][d]).into_dyn());
+    bbox_ciou(t, pxy, pwh, tbox)
+}
+
 /// ComputeLoss on the raw head output p[i] (`[bs*na*ny*nx, no]` per level).
 pub fn compute_loss(
     t: &mut Tape,
@@ -208,20 +228,7 @@ fn loss_from_outputs(
             let rows = lt.rows(na, ny, nx);
 
             // Regression
-            let pxy = t.slice_cols(ps, 0, 2);
-            let pxy = t.sigmoid(pxy);
-            let pxy = t.mul_scalar(pxy, 2.0);
-            let pxy = t.add_scalar(pxy, -0.5);
-            let pwh = t.slice_cols(ps, 2, 4);
-            let pwh = t.sigmoid(pwh);
-            let pwh = t.mul_scalar(pwh, 2.0);
-            let pwh = t.pow(pwh, 2.0);
-            let anch = Array2::from_shape_fn((n, 2), |(k, d)| lt.anch[k][d]);
-            let anch = t.constant(anch.into_dyn());
-            let pwh = t.mul(pwh, anch);
-            let tbox = Array2::from_shape_fn((n, 4), |(k, d)| lt.tbox[k][d]);
-            let tbox = t.constant(tbox.into_dyn());
-            let iou = bbox_ciou(t, pxy, pwh, tbox);
+            let iou = positives_ciou(t, ps, lt);
             let one_minus = t.neg(iou);
             let one_minus = t.add_scalar(one_minus, 1.0);
             let lb = t.mean(one_minus);

@@ -170,7 +170,6 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
         train,
         val,
         val_items,
-        // the losses are the trainer's own, with the run's hyp (`epoch::evaluate`)
         val_opts: val_opts(opts),
         weight_decay: schedule.weight_decay(opts.hyp.weight_decay),
         schedule,

@@ -33,7 +33,7 @@ use crate::cache::sparse::{self, SparseEntry, SparseHeader, SparseLevel};
 use crate::cache::{Dtype, FeatureCache};
 use crate::features::FeatSlice;
 use crate::head::Head;
-use crate::loss::{LossConfig, bbox_ciou, build_targets, smooth_bce};
+use crate::loss::{LossConfig, build_targets, smooth_bce};
 
 /// One level's positives of one image, classes applied.
 #[derive(Debug, Clone, Default)]
@@ -205,18 +205,7 @@ fn ciou(pbox: &Array2<f32>, lt: &crate::loss::LevelTargets) -> Vec<f32> {
     }
     let mut t = Tape::new();
     let ps = t.constant(pbox.clone().into_dyn());
-    let pxy = t.slice_cols(ps, 0, 2);
-    let pxy = t.sigmoid(pxy);
-    let pxy = t.mul_scalar(pxy, 2.0);
-    let pxy = t.add_scalar(pxy, -0.5);
-    let pwh = t.slice_cols(ps, 2, 4);
-    let pwh = t.sigmoid(pwh);
-    let pwh = t.mul_scalar(pwh, 2.0);
-    let pwh = t.pow(pwh, 2.0);
-    let anch = t.constant(Array2::from_shape_fn((n, 2), |(k, d)| lt.anch[k][d]).into_dyn());
-    let pwh = t.mul(pwh, anch);
-    let tbox = t.constant(Array2::from_shape_fn((n, 4), |(k, d)| lt.tbox[k][d]).into_dyn());
-    let iou = bbox_ciou(&mut t, pxy, pwh, tbox);
+    let iou = crate::loss::compute::positives_ciou(&mut t, ps, lt);
     t.value(iou).iter().copied().collect()
 }
 
