@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use ndarray::Array2;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -204,7 +204,7 @@ pub fn prepare_targets(plan: &AddClasses, model: &Model, train: &mut SplitData, 
         counts.pseudo = match tail {
             None => add_pseudo_labels(&pre, train, &items)?,
             Some(t) => {
-                let dir = tempfile::Builder::new().prefix("freezesplit-pseudo-").tempdir().context("cannot create a temporary directory for the pseudo-labels' head inputs")?;
+                let dir = crate::fsutil::temp_dir("freezesplit-pseudo-", "the pseudo-labels' head inputs")?;
                 let inputs = super::tail::val_items(&t.net, &items, &train.shapes.clone(), opts.batch_size, dir.path())?;
                 add_pseudo_labels(&pre, train, &inputs)?
             }

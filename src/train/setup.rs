@@ -104,7 +104,7 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
     let cut = model.cut(opts.freeze)?;
     let tail = if opts.freeze < crate::graph::cut::HEAD_ONLY {
         let net = crate::tail::TailNet::build(&model, &cut, opts.imgsz).with_context(|| format!("cannot train layers {}..23 of {}", opts.freeze, opts.weights.display()))?;
-        let val_dir = tempfile::Builder::new().prefix("freezesplit-val-").tempdir().context("cannot create a temporary directory for the val features")?;
+        let val_dir = crate::fsutil::temp_dir("freezesplit-val-", "the tail's outputs on the val images")?;
         Some(super::tail::TailRun { net, trains: opts.train != TrainWhat::Cls, val_dir })
     } else {
         None
