@@ -198,7 +198,7 @@ pub fn decode_entry(head: &Head, e: &Entry, min_obj: f64) -> Array2<f32> {
     let hw = |i: usize| (e.header.shapes[i][1], e.header.shapes[i][2]);
     let n = e.header.shapes.len();
     // one dtype per entry (its header's); q8 is dequantised first
-    let q8: Vec<Vec<f32>> = (0..n).map(|i| if let q @ FeatSlice::Q8(_) = e.level_raw(i) { q.to_f32_vec() } else { Vec::new() }).collect();
+    let q8 = dequantised_q8_levels(e);
     let (mut halves, mut floats) = (Vec::new(), Vec::new());
     for i in 0..n {
         match e.level_raw(i) {
@@ -240,6 +240,12 @@ pub fn postprocess(pred: ArrayView2<f32>, meta: &LetterboxMeta, conf_thres: f64,
 }
 
 /// val.py's `shapes[si][1]`: `((h / h0, w / w0), pad)`.
+/// Each q8 level of an entry dequantised to f32 (empty for other dtypes):
+/// validation's decode reads q8 as f32.
+pub(crate) fn dequantised_q8_levels(e: &Entry) -> Vec<Vec<f32>> {
+    (0..e.header.shapes.len()).map(|i| if let q @ crate::features::FeatSlice::Q8(_) = e.level_raw(i) { q.to_f32_vec() } else { Vec::new() }).collect()
+}
+
 pub(crate) fn ratio_pad(meta: &LetterboxMeta) -> ([f64; 2], [f64; 2]) {
     let [h0, w0] = meta.shape0;
     let [h, w] = meta.resized;

@@ -114,7 +114,7 @@ fn build_image(head: &Head, it: &ValItem, opts: &ValOptions) -> Result<Image> {
     let mut cand = Vec::new();
     let (mut c16, mut c32) = (Vec::new(), Vec::new());
     // q8 levels are read dequantised, as f32 ones
-    let q8: Vec<Vec<f32>> = (0..n).map(|i| if let q @ FeatSlice::Q8(_) = e.level_raw(i) { q.to_f32_vec() } else { Vec::new() }).collect();
+    let q8 = super::dequantised_q8_levels(&e);
     let (mut halves, mut floats) = (Vec::new(), Vec::new());
     for i in 0..n {
         let sp = hw(i).0 * hw(i).1;
