@@ -103,7 +103,7 @@ pub struct TrainArgs {
     /// YOLOv5's --freeze: layers 0..N-1 frozen (cached), N..23 and the head trained; N in 10..=24 [default: 24]
     #[arg(long)]
     pub freeze: Option<usize>,
-    /// Class-only training on the sparse cache (the head inputs at the loss's positives) with sparse validation [default with --train cls (and --add-classes) at --freeze 24]
+    /// Class-only training on the sparse cache (the head inputs at the loss's positives) with sparse validation; below --freeze 24 the frozen layers N..23 run once per image [default with --train cls (and --add-classes)]
     #[arg(long, conflicts_with = "dense")]
     pub sparse: bool,
     /// The dense path (every feature map every epoch), also with --train cls
@@ -300,7 +300,7 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
     }
     let freeze = a.freeze.unwrap_or_else(train::default_freeze);
     // --add-classes implies --train cls, so it is sparse by default too
-    let sparse = train::sparse::resolve(train, freeze, a.sparse, a.dense)?;
+    let sparse = train::sparse::resolve(train, a.sparse, a.dense)?;
     let model = Model::load(&weights)?;
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
     let project = a.project.clone().unwrap_or_else(|| PathBuf::from("runs/train"));

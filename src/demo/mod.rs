@@ -100,7 +100,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         freeze: crate::graph::cut::HEAD_ONLY,
         add_classes: false,
         pseudo_labels: true,
-        sparse: crate::train::sparse::resolve(TrainWhat::Cls, crate::graph::cut::HEAD_ONLY, false, false)?,
+        sparse: crate::train::sparse::resolve(TrainWhat::Cls, false, false)?,
         engine: opts.engine.clone(),
         progress: opts.progress,
     };

@@ -142,7 +142,9 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
         true => {
             // validated on the dataset's classes, as `Run::validate` does
             let val_head = add.as_ref().map_or_else(|| head0.clone(), |p| crate::val::classes::select_classes(&head0, &p.data_to_model));
-            Some(super::sparse::prepare_run(&cache, &train.samples, &val.samples, &val_items, &head0, &val_head, &cfg, opts.dtype, &val_opts(opts))?)
+            let vo = val_opts(opts);
+            let src = super::sparse::SparseSource { cache: &cache, head: &head0, val_head: &val_head, cfg: &cfg, dtype: opts.dtype, val_opts: &vo, tail: tail.as_ref().map(|t| (&t.net, &shapes[..], t.val_dir.path())) };
+            Some(super::sparse::prepare_run(&src, &train.samples, &val.samples, &val_items)?)
         }
         false => None,
     };

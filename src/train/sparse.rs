@@ -4,7 +4,9 @@
 //! In: a split's samples (their dense entries and letterboxed labels), the
 //! starting head and the loss configuration. Out: `SparseSplit`, the
 //! positives of every image in memory (from `cache::sparse`, built once per
-//! image from the dense entry when absent), and per batch the loss parts and
+//! image from the dense entry when absent; below `--freeze 24` the dense
+//! entry holds the crossing tensors and the frozen tail runs on it once to
+//! give the head inputs), and per batch the loss parts and
 //! the head's gradients (`step`), or the losses alone (`losses`).
 //!
 //! Why this is exact: build_targets' positives depend on the labels, anchors
@@ -19,6 +21,7 @@
 //! taped; with focal loss the tape runs.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use half::f16;
@@ -34,6 +37,7 @@ use crate::cache::{Dtype, FeatureCache};
 use crate::features::FeatSlice;
 use crate::head::Head;
 use crate::loss::{LossConfig, build_targets, smooth_bce};
+use crate::tail::TailNet;
 
 /// One level's positives of one image, classes applied.
 #[derive(Debug, Clone, Default)]
@@ -63,8 +67,12 @@ pub struct SparseSplit {
     pub built: usize,
 }
 
-/// What the sparse key hashes besides the image and its boxes.
-fn key_context(head: &Head, cfg: &LossConfig, dtype: Dtype) -> Vec<u8> {
+/// What the sparse key hashes besides the image and its boxes: the loss
+/// settings the positives and constant losses depend on, the frozen box and
+/// objectness rows and, below `--freeze 24`, every tensor of the frozen tail
+/// that turns the cached crossing tensors into head inputs (the cache
+/// directory is the frozen graph's, which a fine-tuned tail leaves unchanged).
+fn key_context(head: &Head, cfg: &LossConfig, dtype: Dtype, tail: Option<&TailNet>) -> Vec<u8> {
     let mut c = Vec::new();
     let h = &cfg.hyp;
     for v in [h.anchor_t, h.obj_pw, h.fl_gamma, cfg.gr] {
@@ -79,35 +87,113 @@ fn key_context(head: &Head, cfg: &LossConfig, dtype: Dtype) -> Vec<u8> {
             c.extend_from_slice(&head.biases[l][r].to_le_bytes());
         }
     }
+    if let Some(net) = tail {
+        let mut th = blake3::Hasher::new();
+        for (name, v) in &net.params {
+            th.update(name.as_bytes());
+            v.iter().for_each(|x| {
+                th.update(&x.to_le_bytes());
+            });
+        }
+        c.extend_from_slice(b"tail");
+        c.extend_from_slice(th.finalize().as_bytes());
+    }
     c
 }
 
-/// The sparse data of `samples`: read from `cache` where there, else built
-/// from the dense entries and written. `head` supplies the frozen box and
-/// objectness rows.
-pub fn prepare(cache: &FeatureCache, samples: &[Sample], head: &Head, cfg: &LossConfig, dtype: Dtype) -> Result<SparseSplit> {
+/// What a run's sparse data is built from besides the samples.
+pub struct SparseSource<'a> {
+    pub cache: &'a FeatureCache,
+    /// The starting head: its frozen box and objectness rows.
+    pub head: &'a Head,
+    /// `head` with the classes validation scores (the dataset's, with
+    /// `--add-classes`).
+    pub val_head: &'a Head,
+    pub cfg: &'a LossConfig,
+    pub dtype: Dtype,
+    pub val_opts: &'a crate::val::ValOptions,
+    /// Below `--freeze 24`: the frozen tail that makes head inputs of the
+    /// cached crossing tensors (run once per image here, instead of every
+    /// batch of every epoch), with the crossing shapes and a directory for
+    /// the val images' head inputs.
+    pub tail: Option<(&'a TailNet, &'a [[usize; 3]], &'a std::path::Path)>,
+}
+
+/// One image's head inputs as the sparse build reads them: f16 `[C, H*W]`
+/// per level, what the N = 24 cache holds.
+pub struct HeadInputs {
+    pub letterbox: crate::preprocess::LetterboxMeta,
+    pub shapes: Vec<[usize; 3]>,
+    pub levels: Vec<Vec<f16>>,
+}
+
+impl HeadInputs {
+    /// The levels of a head-input cache entry.
+    pub fn of_entry(e: &Entry) -> HeadInputs {
+        let levels = (0..e.header.shapes.len())
+            .map(|l| match e.level_raw(l) {
+                FeatSlice::F16(x) => x.to_vec(),
+                FeatSlice::F32(x) => x.iter().map(|&v| f16::from_f32(v)).collect(),
+                q8 @ FeatSlice::Q8(_) => q8.to_f32_vec().into_iter().map(f16::from_f32).collect(),
+            })
+            .collect();
+        HeadInputs { letterbox: e.header.letterbox, shapes: e.header.shapes.clone(), levels }
+    }
+
+    /// The head inputs of `samples` (their crossing entries) through the
+    /// frozen `net`, a batch at a time, rounded to f16 as the N = 24 cache
+    /// stores them.
+    fn of_tail(net: &TailNet, samples: &[&Sample], shapes: &[[usize; 3]], batch: usize) -> Result<Vec<HeadInputs>> {
+        let mut out = Vec::with_capacity(samples.len());
+        for chunk in samples.chunks(batch.max(1)) {
+            let entries: Vec<Entry> = chunk.par_iter().map(|s| Entry::open_verified_before(&s.entry)).collect::<Result<_>>()?;
+            let feats = net.eval(super::tail::dense(&entries, shapes))?;
+            for (b, e) in entries.iter().enumerate() {
+                let levels = feats.iter().map(|f| f.index_axis(ndarray::Axis(0), b).iter().map(|&v| f16::from_f32(v)).collect()).collect();
+                let shapes = feats.iter().map(|f| [f.shape()[1], f.shape()[2], f.shape()[3]]).collect();
+                out.push(HeadInputs { letterbox: e.header.letterbox, shapes, levels });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The sparse data of `samples`: read from the cache where there, else built
+/// from the dense entries (through the frozen tail below N = 24) and written.
+pub fn prepare(src: &SparseSource, samples: &[Sample]) -> Result<SparseSplit> {
+    let (cache, head, cfg) = (src.cache, src.head, src.cfg);
     sparse::remove_orphans(cache);
-    let ctx = key_context(head, cfg, dtype);
-    let got: Vec<(SparseEntry, usize, bool)> = samples
-        .par_iter()
-        .map(|s| -> Result<(SparseEntry, usize, bool)> {
+    let ctx = key_context(head, cfg, src.dtype, src.tail.map(|t| t.0));
+    let paths: Vec<PathBuf> = samples
+        .iter()
+        .map(|s| -> Result<PathBuf> {
             let image_key = s.entry.file_stem().and_then(|k| k.to_str()).context("a cache entry without a key")?;
             let boxes: Vec<[f32; 4]> = s.targets.iter().map(|t| [t[1], t[2], t[3], t[4]]).collect();
-            let path = sparse::sparse_path(cache, &sparse::sparse_key(image_key, &boxes, &ctx));
-            if let Some(e) = sparse::read(&path) {
-                let n = sparse::encode(&e).len();
-                return Ok((e, n, false));
-            }
-            let dense = Entry::open_verified_before(&s.entry)?;
-            let e = build_entry(&dense, &s.targets, head, cfg);
-            let n = sparse::write(&path, &e)?;
-            Ok((e, n, true))
+            Ok(sparse::sparse_path(cache, &sparse::sparse_key(image_key, &boxes, &ctx)))
         })
         .collect::<Result<_>>()?;
-    let mut out = SparseSplit::default();
-    for ((e, n, built), s) in got.into_iter().zip(samples) {
+    let mut got: Vec<Option<(SparseEntry, usize)>> = paths.par_iter().map(|p| sparse::read(p).map(|e| (e, std::fs::metadata(p).map_or(0, |m| m.len() as usize)))).collect();
+    let missing: Vec<usize> = (0..samples.len()).filter(|&i| got[i].is_none()).collect();
+    let inputs: Vec<HeadInputs> = match src.tail {
+        None => missing.par_iter().map(|&i| Entry::open_verified_before(&samples[i].entry).map(|e| HeadInputs::of_entry(&e))).collect::<Result<_>>()?,
+        Some((net, shapes, _)) => HeadInputs::of_tail(net, &missing.iter().map(|&i| &samples[i]).collect::<Vec<_>>(), shapes, src.val_opts.batch_size)?,
+    };
+    let built: Vec<(SparseEntry, usize)> = missing
+        .par_iter()
+        .zip(inputs)
+        .map(|(&i, x)| -> Result<(SparseEntry, usize)> {
+            let e = build_entry(&x, &samples[i].targets, head, cfg);
+            let n = sparse::write(&paths[i], &e)?;
+            Ok((e, n))
+        })
+        .collect::<Result<_>>()?;
+    for (&i, b) in missing.iter().zip(built) {
+        got[i] = Some(b);
+    }
+    let mut out = SparseSplit { built: missing.len(), ..Default::default() };
+    for (g, s) in got.into_iter().zip(samples) {
+        let (e, n) = g.expect("every image read or built");
         out.bytes += n;
-        out.built += built as usize;
         if out.channels.is_empty() {
             out.channels = e.header.channels.clone();
             out.cells = e.header.cells.clone();
@@ -140,11 +226,11 @@ fn bce(x: f64, y: f64, pw: f64, gamma: f64) -> f64 {
     l * af * (1.0 - p_t).powf(gamma)
 }
 
-/// One image's sparse entry from its dense entry and letterboxed targets
+/// One image's sparse entry from its head inputs and letterboxed targets
 /// `[class, x, y, w, h]`.
-pub fn build_entry(e: &Entry, targets: &[[f32; 5]], head: &Head, cfg: &LossConfig) -> SparseEntry {
+pub fn build_entry(e: &HeadInputs, targets: &[[f32; 5]], head: &Head, cfg: &LossConfig) -> SparseEntry {
     let (na, no) = (head.na(), head.no());
-    let grids: Vec<(usize, usize)> = e.header.shapes.iter().map(|s| (s[1], s[2])).collect();
+    let grids: Vec<(usize, usize)> = e.shapes.iter().map(|s| (s[1], s[2])).collect();
     // the label row stands in for the class: positives do not depend on it
     let t6 = Array2::from_shape_fn((targets.len(), 6), |(r, k)| match k {
         0 => 0.0,
@@ -152,16 +238,12 @@ pub fn build_entry(e: &Entry, targets: &[[f32; 5]], head: &Head, cfg: &LossConfi
         _ => targets[r][k - 1],
     });
     let tg = build_targets(t6.view(), &cfg.anchors, &grids, cfg.hyp.anchor_t);
-    let mut header = SparseHeader { letterbox: e.header.letterbox, channels: vec![], counts: vec![], obj_bce_sum: vec![], cells: vec![] };
+    let mut header = SparseHeader { letterbox: e.letterbox, channels: vec![], counts: vec![], obj_bce_sum: vec![], cells: vec![] };
     let mut levels = Vec::new();
     for (l, lt) in tg.iter().enumerate() {
-        let [c, ny, nx] = e.header.shapes[l];
+        let [c, ny, nx] = e.shapes[l];
         let sp = ny * nx;
-        let x16: Vec<f16> = match e.level_raw(l) {
-            FeatSlice::F16(x) => x.to_vec(),
-            FeatSlice::F32(x) => x.iter().map(|&v| f16::from_f32(v)).collect(),
-            q8 @ FeatSlice::Q8(_) => q8.to_f32_vec().into_iter().map(f16::from_f32).collect(),
-        };
+        let x16 = &e.levels[l];
         let n = lt.len();
         let mut lvl = SparseLevel { feats: Vec::with_capacity(n * c), anchor: lt.a.iter().map(|&a| a as u32).collect(), target: lt.tcls.iter().map(|&t| t as u32).collect(), one_minus_iou: vec![] };
         let mut pbox = Array2::<f32>::zeros((n, 4));
@@ -441,9 +523,9 @@ pub fn mean_losses(head: &Head, split: &SparseSplit, bs: usize, cfg: &LossConfig
 }
 
 /// Whether a run is sparse: `--sparse` / `--dense` as given, else sparse
-/// exactly for `--train cls` at `--freeze 24`. Refused with a sentence where
+/// exactly for `--train cls`, at every `--freeze`. Refused with a sentence where
 /// sparse cannot apply. Also what `--add-classes` calls for its default.
-pub fn resolve(train: super::TrainWhat, freeze: usize, sparse: bool, dense: bool) -> Result<bool> {
+pub fn resolve(train: super::TrainWhat, sparse: bool, dense: bool) -> Result<bool> {
     use super::TrainWhat;
     if sparse && dense {
         anyhow::bail!("--sparse and --dense exclude each other; give one of them");
@@ -451,10 +533,9 @@ pub fn resolve(train: super::TrainWhat, freeze: usize, sparse: bool, dense: bool
     if sparse && train != TrainWhat::Cls {
         anyhow::bail!("--sparse trains the class rows only: add --train cls, or drop --sparse to train the whole head densely");
     }
-    if sparse && freeze != crate::graph::cut::HEAD_ONLY {
-        anyhow::bail!("--sparse reads the head inputs of the --freeze 24 cache; with --freeze {freeze} drop --sparse (the dense path runs)");
-    }
-    Ok(!dense && (sparse || (train == TrainWhat::Cls && freeze == crate::graph::cut::HEAD_ONLY)))
+    // class-only training freezes everything before the head whatever
+    // --freeze says: below 24 the frozen tail runs once per image
+    Ok(!dense && (sparse || train == TrainWhat::Cls))
 }
 
 /// Everything the sparse epochs read: the positives of both splits and the
@@ -466,14 +547,19 @@ pub struct SparseRun {
 }
 
 /// Builds (or reads) the sparse data of a run and says what it holds.
-/// `val_head` is `head` with the classes validation scores (the dataset's,
-/// with `--add-classes`).
-#[allow(clippy::too_many_arguments)]
-pub fn prepare_run(cache: &FeatureCache, train: &[Sample], val: &[Sample], val_items: &[crate::val::ValItem], head: &Head, val_head: &Head, cfg: &LossConfig, dtype: Dtype, val_opts: &crate::val::ValOptions) -> Result<SparseRun> {
+/// `val_items` are the val split's cache entries (crossing tensors below
+/// N = 24).
+pub fn prepare_run(src: &SparseSource, train: &[Sample], val: &[Sample], val_items: &[crate::val::ValItem]) -> Result<SparseRun> {
     let start = std::time::Instant::now();
-    let tr = prepare(cache, train, head, cfg, dtype)?;
-    let va = prepare(cache, val, head, cfg, dtype)?;
-    let val_cands = crate::val::sparse::SparseVal::build(val_head, val_items, val_opts)?;
+    let tr = prepare(src, train)?;
+    let va = prepare(src, val)?;
+    let val_cands = match src.tail {
+        None => crate::val::sparse::SparseVal::build(src.val_head, val_items, src.val_opts)?,
+        Some((net, shapes, dir)) => {
+            let head_inputs = super::tail::val_items(net, val_items, shapes, src.val_opts.batch_size, dir)?;
+            crate::val::sparse::SparseVal::build(src.val_head, &head_inputs, src.val_opts)?
+        }
+    };
     let dense: u64 = train.iter().filter_map(|s| std::fs::metadata(&s.entry).ok()).map(|m| m.len()).sum();
     let npos: usize = tr.images.iter().flat_map(|i| &i.levels).map(|l| l.anchor.len()).sum();
     eprintln!(

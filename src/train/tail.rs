@@ -58,7 +58,7 @@ pub fn load_dense(samples: &[&Sample], shapes: &[[usize; 3]], dtype: Dtype) -> R
 }
 
 /// Tensor `i` of every entry as one f32 `[B, C, H, W]` array per tensor.
-fn dense(entries: &[Entry], shapes: &[[usize; 3]]) -> Vec<ArrayD<f32>> {
+pub(crate) fn dense(entries: &[Entry], shapes: &[[usize; 3]]) -> Vec<ArrayD<f32>> {
     shapes
         .iter()
         .enumerate()

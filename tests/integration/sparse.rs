@@ -210,3 +210,70 @@ fn results_agree(dir: &Path) {
         }
     }
 }
+
+/// `train` on the named 320 test model (layer numbering known) at
+/// `--freeze 17`, tract, 3 epochs.
+fn train_17(dir: &Path, yaml: &Path, name: &str, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::bin())
+        .args(["train", "--engine", "tract", "--epochs", "3", "--batch-size", "4", "--seed", "7", "--freeze", "17", "--weights"])
+        .arg(common::root().join("models/tiny-320-op17.onnx"))
+        .arg("--data")
+        .arg(yaml)
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .arg("--project")
+        .arg(dir.join("runs"))
+        .args(["--name", name])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Below `--freeze 24`, `--train cls` (and `--add-classes`) run the frozen
+/// layers 17..23 once per image into the sparse cache instead of every
+/// batch: the head follows the dense path's (which keeps the head inputs
+/// f32; the sparse cache rounds them to f16, as the N = 24 cache does)
+/// within 1e-5 after 3 epochs, the layers stay untouched, and a second run
+/// rebuilds nothing.
+#[test]
+fn class_only_training_below_24_is_sparse_and_follows_the_dense_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dataset(dir.path(), &["person", "bicycle", "car"]);
+    let dense = train_17(dir.path(), &yaml, "dense", &["--train", "cls", "--dense"]);
+    ok(&dense);
+    assert!(!String::from_utf8_lossy(&dense.stderr).contains("sparse:"));
+    let sparse = train_17(dir.path(), &yaml, "sparse", &["--train", "cls"]);
+    ok(&sparse);
+    let err = String::from_utf8_lossy(&sparse.stderr);
+    assert!(err.contains("sparse: train") && err.contains("8 of 8 images built now"), "{err}");
+
+    let (hd, hs) = (last_head(dir.path(), "dense"), last_head(dir.path(), "sparse"));
+    let start = Head::from_model(&Model::load(&common::root().join("models/tiny-320-op17.onnx")).unwrap()).unwrap();
+    let (d, moved) = (max_diff(&hd, &hs), max_diff(&start, &hs));
+    assert!(moved > 1e-3 && d <= 1e-5, "sparse and dense heads differ by {d} after 3 epochs (the class rows moved {moved})");
+    results_agree(dir.path());
+    let m = Model::load(&common::root().join("models/tiny-320-op17.onnx")).unwrap();
+    for (k, v) in &freezesplit::train::tail::load(&dir.path().join("runs/sparse/weights/best")).unwrap() {
+        let (_, orig) = m.initializer_f32(k).unwrap();
+        assert!(v.iter().zip(&orig).all(|(a, b)| a.to_bits() == b.to_bits()), "`{k}` changed with --train cls");
+    }
+    let again = train_17(dir.path(), &yaml, "again", &["--train", "cls"]);
+    ok(&again);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("0 of 8 images built now"));
+    assert_eq!(csv(dir.path(), "again"), csv(dir.path(), "sparse"), "a rerun on the sparse cache gives other results");
+
+    // --add-classes below 24: sparse by default, as dense does, old names kept
+    let sub = dir.path().join("add");
+    let yaml = dataset(&sub, &["Car", "star"]);
+    let dense = train_17(&sub, &yaml, "dense", &["--add-classes", "--dense"]);
+    ok(&dense);
+    let sparse = train_17(&sub, &yaml, "sparse", &["--add-classes"]);
+    ok(&sparse);
+    assert!(String::from_utf8_lossy(&sparse.stderr).contains("sparse: train"));
+    let (hd, hs) = (last_head(&sub, "dense"), last_head(&sub, "sparse"));
+    assert_eq!(hs.names.len(), start.names.len() + 1);
+    assert_eq!(hs.names.last().map(String::as_str), Some("star"));
+    let d = max_diff(&hd, &hs);
+    assert!(d <= 1e-5, "sparse and dense extended heads differ by {d} after 3 epochs");
+    results_agree(&sub);
+}
