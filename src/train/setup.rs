@@ -58,14 +58,19 @@ pub struct Run {
 
 impl Run {
     /// The val items whose features the head reads: the cached entries at
-    /// N = 24; below, the head inputs computed by the tail with `values`.
+    /// N = 24; below, the head inputs computed by the tail with `values`
+    /// (once, at set-up, when the tail is frozen).
     pub fn val_items_for(&self, values: &super::params::Tensors) -> Result<std::borrow::Cow<'_, [ValItem]>> {
+        use std::borrow::Cow;
         match &self.tail {
-            None => Ok(std::borrow::Cow::Borrowed(&self.val_items)),
-            Some(t) => {
-                let net = super::tail::net_with(&t.net, values);
-                Ok(std::borrow::Cow::Owned(super::tail::val_items(&net, &self.val_items, &self.shapes, self.val_opts.batch_size, t.val_dir.path())?))
-            }
+            None => Ok(Cow::Borrowed(&self.val_items)),
+            Some(t) => match &t.frozen_val {
+                Some(v) => Ok(Cow::Borrowed(v)),
+                None => {
+                    let net = super::tail::net_with(&t.net, values);
+                    Ok(Cow::Owned(super::tail::val_items(&net, &self.val_items, &self.shapes, self.val_opts.batch_size, t.val_dir.path())?))
+                }
+            },
         }
     }
 
@@ -102,10 +107,10 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
 
     let cache_start = std::time::Instant::now();
     let cut = model.cut(opts.freeze)?;
-    let tail = if opts.freeze < crate::graph::cut::HEAD_ONLY {
+    let mut tail = if opts.freeze < crate::graph::cut::HEAD_ONLY {
         let net = crate::tail::TailNet::build(&model, &cut, opts.imgsz).with_context(|| format!("cannot train layers {}..23 of {}", opts.freeze, opts.weights.display()))?;
         let val_dir = crate::fsutil::temp_dir("freezesplit-val-", "the tail's outputs on the val images")?;
-        Some(super::tail::TailRun { net, trains: opts.train != TrainWhat::Cls, val_dir })
+        Some(super::tail::TailRun { net, trains: opts.train != TrainWhat::Cls, val_dir, frozen_val: None })
     } else {
         None
     };
@@ -128,6 +133,9 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
     let val_items: Vec<ValItem> = val.samples.iter().map(|s| ValItem { image: s.image.clone(), entry: s.entry.clone() }).collect();
 
     let shapes = train.shapes.clone();
+    if let Some(t) = tail.as_mut() {
+        t.freeze_val(&val_items, &shapes, opts.batch_size)?;
+    }
     // the head's grids: the cached levels at N = 24, else imgsz / stride
     let grids: Vec<(usize, usize)> = match &tail {
         None => shapes.iter().map(|s| (s[1], s[2])).collect(),
@@ -143,8 +151,10 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
             // validated on the dataset's classes, as `Run::validate` does
             let val_head = add.as_ref().map_or_else(|| head0.clone(), |p| crate::val::classes::select_classes(&head0, &p.data_to_model));
             let vo = val_opts(opts);
-            let src = super::sparse::SparseSource { cache: &cache, head: &head0, val_head: &val_head, cfg: &cfg, dtype: opts.dtype, val_opts: &vo, tail: tail.as_ref().map(|t| (&t.net, &shapes[..], t.val_dir.path())) };
-            Some(super::sparse::prepare_run(&src, &train.samples, &val.samples, &val_items)?)
+            let src = super::sparse::SparseSource { cache: &cache, head: &head0, val_head: &val_head, cfg: &cfg, dtype: opts.dtype, val_opts: &vo, tail: tail.as_ref().map(|t| (&t.net, &shapes[..])) };
+            // the candidates come from the head inputs: below 24, the frozen tail's
+            let head_val = tail.as_ref().and_then(|t| t.frozen_val.as_deref()).unwrap_or(&val_items);
+            Some(super::sparse::prepare_run(&src, &train.samples, &val.samples, head_val)?)
         }
         false => None,
     };

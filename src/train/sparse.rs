@@ -114,9 +114,8 @@ pub struct SparseSource<'a> {
     pub val_opts: &'a crate::val::ValOptions,
     /// Below `--freeze 24`: the frozen tail that makes head inputs of the
     /// cached crossing tensors (run once per image here, instead of every
-    /// batch of every epoch), with the crossing shapes and a directory for
-    /// the val images' head inputs.
-    pub tail: Option<(&'a TailNet, &'a [[usize; 3]], &'a std::path::Path)>,
+    /// batch of every epoch), with the crossing shapes.
+    pub tail: Option<(&'a TailNet, &'a [[usize; 3]])>,
 }
 
 /// One image's head inputs as the sparse build reads them: f16 `[C, H*W]`
@@ -141,20 +140,20 @@ impl HeadInputs {
     }
 
     /// The head inputs of `samples` (their crossing entries) through the
-    /// frozen `net`, a batch at a time, rounded to f16 as the N = 24 cache
+    /// frozen `net`, as one batch, rounded to f16 as the N = 24 cache
     /// stores them.
-    fn of_tail(net: &TailNet, samples: &[&Sample], shapes: &[[usize; 3]], batch: usize) -> Result<Vec<HeadInputs>> {
-        let mut out = Vec::with_capacity(samples.len());
-        for chunk in samples.chunks(batch.max(1)) {
-            let entries: Vec<Entry> = chunk.par_iter().map(|s| Entry::open_verified_before(&s.entry)).collect::<Result<_>>()?;
-            let feats = net.eval(super::tail::dense(&entries, shapes))?;
-            for (b, e) in entries.iter().enumerate() {
+    fn of_tail(net: &TailNet, samples: &[&Sample], shapes: &[[usize; 3]]) -> Result<Vec<HeadInputs>> {
+        let entries: Vec<Entry> = samples.par_iter().map(|s| Entry::open_verified_before(&s.entry)).collect::<Result<_>>()?;
+        let feats = net.eval(super::tail::dense(&entries, shapes))?;
+        let shapes: Vec<[usize; 3]> = feats.iter().map(|f| [f.shape()[1], f.shape()[2], f.shape()[3]]).collect();
+        Ok(entries
+            .iter()
+            .enumerate()
+            .map(|(b, e)| {
                 let levels = feats.iter().map(|f| f.index_axis(ndarray::Axis(0), b).iter().map(|&v| f16::from_f32(v)).collect()).collect();
-                let shapes = feats.iter().map(|f| [f.shape()[1], f.shape()[2], f.shape()[3]]).collect();
-                out.push(HeadInputs { letterbox: e.header.letterbox, shapes, levels });
-            }
-        }
-        Ok(out)
+                HeadInputs { letterbox: e.header.letterbox, shapes: shapes.clone(), levels }
+            })
+            .collect())
     }
 }
 
@@ -174,21 +173,24 @@ pub fn prepare(src: &SparseSource, samples: &[Sample]) -> Result<SparseSplit> {
         .collect::<Result<_>>()?;
     let mut got: Vec<Option<(SparseEntry, usize)>> = paths.par_iter().map(|p| sparse::read(p).map(|e| (e, std::fs::metadata(p).map_or(0, |m| m.len() as usize)))).collect();
     let missing: Vec<usize> = (0..samples.len()).filter(|&i| got[i].is_none()).collect();
-    let inputs: Vec<HeadInputs> = match src.tail {
-        None => missing.par_iter().map(|&i| Entry::open_verified_before(&samples[i].entry).map(|e| HeadInputs::of_entry(&e))).collect::<Result<_>>()?,
-        Some((net, shapes, _)) => HeadInputs::of_tail(net, &missing.iter().map(|&i| &samples[i]).collect::<Vec<_>>(), shapes, src.val_opts.batch_size)?,
-    };
-    let built: Vec<(SparseEntry, usize)> = missing
-        .par_iter()
-        .zip(inputs)
-        .map(|(&i, x)| -> Result<(SparseEntry, usize)> {
-            let e = build_entry(&x, &samples[i].targets, head, cfg);
-            let n = sparse::write(&paths[i], &e)?;
-            Ok((e, n))
-        })
-        .collect::<Result<_>>()?;
-    for (&i, b) in missing.iter().zip(built) {
-        got[i] = Some(b);
+    // a batch at a time: the head inputs of a whole split would not fit
+    for chunk in missing.chunks(src.val_opts.batch_size.max(1)) {
+        let inputs: Vec<HeadInputs> = match src.tail {
+            None => chunk.par_iter().map(|&i| Entry::open_verified_before(&samples[i].entry).map(|e| HeadInputs::of_entry(&e))).collect::<Result<_>>()?,
+            Some((net, shapes)) => HeadInputs::of_tail(net, &chunk.iter().map(|&i| &samples[i]).collect::<Vec<_>>(), shapes)?,
+        };
+        let built: Vec<(SparseEntry, usize)> = chunk
+            .par_iter()
+            .zip(inputs)
+            .map(|(&i, x)| -> Result<(SparseEntry, usize)> {
+                let e = build_entry(&x, &samples[i].targets, head, cfg);
+                let n = sparse::write(&paths[i], &e)?;
+                Ok((e, n))
+            })
+            .collect::<Result<_>>()?;
+        for (&i, b) in chunk.iter().zip(built) {
+            got[i] = Some(b);
+        }
     }
     let mut out = SparseSplit { built: missing.len(), ..Default::default() };
     for (g, s) in got.into_iter().zip(samples) {
@@ -547,19 +549,13 @@ pub struct SparseRun {
 }
 
 /// Builds (or reads) the sparse data of a run and says what it holds.
-/// `val_items` are the val split's cache entries (crossing tensors below
-/// N = 24).
-pub fn prepare_run(src: &SparseSource, train: &[Sample], val: &[Sample], val_items: &[crate::val::ValItem]) -> Result<SparseRun> {
+/// `head_val` are the val images' head inputs (below N = 24 the frozen
+/// tail's, `TailRun::freeze_val`), where the val candidates come from.
+pub fn prepare_run(src: &SparseSource, train: &[Sample], val: &[Sample], head_val: &[crate::val::ValItem]) -> Result<SparseRun> {
     let start = std::time::Instant::now();
     let tr = prepare(src, train)?;
     let va = prepare(src, val)?;
-    let val_cands = match src.tail {
-        None => crate::val::sparse::SparseVal::build(src.val_head, val_items, src.val_opts)?,
-        Some((net, shapes, dir)) => {
-            let head_inputs = super::tail::val_items(net, val_items, shapes, src.val_opts.batch_size, dir)?;
-            crate::val::sparse::SparseVal::build(src.val_head, &head_inputs, src.val_opts)?
-        }
-    };
+    let val_cands = crate::val::sparse::SparseVal::build(src.val_head, head_val, src.val_opts)?;
     let dense: u64 = train.iter().filter_map(|s| std::fs::metadata(&s.entry).ok()).map(|m| m.len()).sum();
     let npos: usize = tr.images.iter().flat_map(|i| &i.levels).map(|l| l.anchor.len()).sum();
     eprintln!(

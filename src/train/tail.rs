@@ -33,6 +33,20 @@ pub struct TailRun {
     pub trains: bool,
     /// Where each validation writes the val images' head inputs.
     pub val_dir: tempfile::TempDir,
+    /// With a frozen tail, the val images' head inputs, computed once
+    /// (`freeze_val`) instead of at every validation.
+    pub frozen_val: Option<Vec<ValItem>>,
+}
+
+impl TailRun {
+    /// Computes the head inputs of the val `items` once when the tail does
+    /// not train.
+    pub fn freeze_val(&mut self, items: &[ValItem], shapes: &[[usize; 3]], batch: usize) -> Result<()> {
+        if !self.trains {
+            self.frozen_val = Some(val_items(&self.net, items, shapes, batch, self.val_dir.path())?);
+        }
+        Ok(())
+    }
 }
 
 /// Adds the tail's tensors to the store: conv weights with weight decay,
