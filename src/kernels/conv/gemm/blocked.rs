@@ -257,4 +257,75 @@ mod tests {
             }
         }
     }
+
+    /// A portable tile kernel with `TileKernel`'s contract, so the loops can
+    /// run with any instruction set's tile and block sizes on any CPU.
+    unsafe fn scalar_tile<const MR: usize, const NR: usize>(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32, c: *mut f32, ldc: usize, rows: usize, cols: usize) {
+        for r in 0..rows {
+            for j in 0..cols {
+                // SAFETY: the contract of `TileKernel`.
+                unsafe {
+                    let s: f32 = (0..kc).map(|kk| *a.add(kk * MR + r) * *b.add(kk * NR + j)).sum();
+                    let p = c.add(r * ldc + j);
+                    *p = alpha * s + if beta != 0.0 { beta * *p } else { 0.0 };
+                }
+            }
+        }
+    }
+
+    /// A portable `DotTile`: lane l of each output adds positions ≡ l mod L.
+    unsafe fn scalar_dot<const TI: usize, const TJ: usize, const L: usize>(len: usize, a: [*const f32; TI], b: [*const f32; TJ], part: &mut [f32]) {
+        for r in 0..TI {
+            for t in 0..TJ {
+                for p in 0..len {
+                    // SAFETY: every pointer has len floats after it.
+                    part[(r * TJ + t) * L + p % L] += unsafe { *a[r].add(p) * *b[t].add(p) };
+                }
+            }
+        }
+    }
+
+    /// The loops with AVX-512's tile and block sizes (8x48, k blocks of 128,
+    /// column blocks of 768, one row block; dot tiles 4x6x16 in chunks of 512,
+    /// 8 per pass) and with AVX2's, through portable kernels: the blocking,
+    /// packing and edge handling each instruction set relies on, checked on
+    /// machines that lack it, on every stride layout and off-tile sizes.
+    #[test]
+    fn the_loops_compute_the_product_at_every_tile_and_block_size() {
+        let naive = |m: usize, k: usize, n: usize, a: &Mat, b: &Mat| -> Vec<f32> { (0..m * n).map(|i| (0..k).map(|kk| a.at(i / n, kk) * b.at(kk, i % n)).sum()).collect() };
+        for (m, k, n) in [(13, 515, 131), (7, 77, 17), (64, 300, 800), (9, 129, 1601)] {
+            let ad: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let bd: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 24.0).collect();
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a = if ta { Mat::t(&ad, m) } else { Mat::rows(&ad, k) };
+                let b = if tb { Mat::t(&bd, k) } else { Mat::rows(&bd, n) };
+                let want = naive(m, k, n, &a, &b);
+                let c0: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32).collect();
+                for beta in [0.0, 0.5] {
+                    let runs: [(&str, Vec<f32>); 2] = [
+                        ("8x48", { let mut c = c0.clone(); unsafe { gemm::<8, 48>(scalar_tile::<8, 48>, [usize::MAX, 128, 768], m, k, n, 1.5, a, b, beta, &mut c) }; c }),
+                        ("6x16", { let mut c = c0.clone(); unsafe { gemm::<6, 16>(scalar_tile::<6, 16>, [144, 256, 256], m, k, n, 1.5, a, b, beta, &mut c) }; c }),
+                    ];
+                    for (name, c) in runs {
+                        for i in 0..m * n {
+                            let w = 1.5 * want[i] + beta * c0[i];
+                            assert!((c[i] - w).abs() <= 1e-3 * (1.0 + w.abs()), "{name} ({m}, {k}, {n}) t {ta} {tb} beta {beta}: [{i}] {} vs {w}", c[i]);
+                        }
+                    }
+                }
+            }
+            // C += A·Bᵀ with A [m, k] and B [n, k] row-major
+            let bt: Vec<f32> = (0..n * k).map(|i| ((i * 29 % 89) as f32 - 44.0) / 22.0).collect();
+            let want: Vec<f32> = (0..m * n).map(|i| 1.0 + (0..k).map(|p| ad[(i / n) * k + p] * bt[(i % n) * k + p]).sum::<f32>()).collect();
+            let sum = |v: &[f32]| v.iter().sum::<f32>();
+            for (name, c) in [
+                ("4x6x16", { let mut c = vec![1.0; m * n]; unsafe { nt_acc::<4, 6, 16>(scalar_dot::<4, 6, 16>, sum, 512, 8, m, n, k, &ad, k, &bt, k, &mut c) }; c }),
+                ("3x4x8", { let mut c = vec![1.0; m * n]; unsafe { nt_acc::<3, 4, 8>(scalar_dot::<3, 4, 8>, sum, 512, 8, m, n, k, &ad, k, &bt, k, &mut c) }; c }),
+            ] {
+                for i in 0..m * n {
+                    assert!((c[i] - want[i]).abs() <= 1e-3 * (1.0 + want[i].abs()), "nt {name} ({m}, {k}, {n}): [{i}] {} vs {}", c[i], want[i]);
+                }
+            }
+        }
+    }
 }
