@@ -6,6 +6,12 @@
 //    (from ../shared/models/yolov5n.onnx), on 1 and 2 rayon threads, as a % of
 //    that peak. FLOPs count 2·N·M·(C/g·kH·kW)·H'·W' per pass (padding
 //    included), the convention oneDNN and PyTorch benchmarks use.
+// 3. The same shapes' GEMMs alone, one image, buffers reused (what
+//    freezesplit::kernels::conv runs, without im2col/col2im, allocation and
+//    the parallel loop): forward W·col, dW = dY·colᵀ both as row dot
+//    products (sgemm_nt_acc, which autograd::conv uses from 1600 pixels on)
+//    and packed (sgemm on colᵀ), dX = Wᵀ·dY. FREEZESPLIT_GEMM=fallback
+//    times matrixmultiply instead.
 // On 1 thread the times are the thread's CPU time (/proc/thread-self/schedstat),
 // so that other processes on a shared machine inflate them less than the wall
 // clock; 2 threads use the wall clock.
@@ -14,6 +20,7 @@
 use std::time::Instant;
 
 use freezesplit::autograd::Tape;
+use freezesplit::kernels::conv::{Mat, sgemm, sgemm_nt_acc};
 use freezesplit::tail::ops::ConvSpec;
 use ndarray::{ArrayD, IxDyn};
 
@@ -164,6 +171,28 @@ fn time_conv(n: usize, cin: usize, cout: usize, k: usize, s: usize, hw: usize) -
     [fwd, bwd(false), bwd(true)]
 }
 
+/// Seconds per call of the GEMMs of one image of one conv shape (see the
+/// file header): [forward, dW as dot products, dW packed, dX].
+fn time_gemms(cin: usize, cout: usize, k: usize, s: usize, hw: usize) -> [f64; 4] {
+    let spec = ConvSpec::square(k, s, k / 2);
+    let g = spec.geom(cin, hw, hw).unwrap();
+    let (m, kk, p) = (cout, g.k(), g.p());
+    let x = rand(&[cin * hw * hw], 1).into_raw_vec_and_offset().0;
+    let w = rand(&[m * kk], 2).into_raw_vec_and_offset().0;
+    let gy = rand(&[m * p], 3).into_raw_vec_and_offset().0;
+    let mut col = vec![0.0f32; kk * p];
+    freezesplit::kernels::conv::im2col(&g, &x, &mut col);
+    let (mut out, mut dw, mut dcol) = (vec![0.0f32; m * p], vec![0.0f32; m * kk], vec![0.0f32; kk * p]);
+    // a pointwise conv's dX adds into the gradient buffer, a 3x3's overwrites col
+    let beta_dx = if g.is_pointwise() { 1.0 } else { 0.0 };
+    [
+        best(2, || sgemm(m, kk, p, 1.0, Mat::rows(&w, kk), Mat::rows(&col, p), 1.0, &mut out)),
+        best(2, || sgemm_nt_acc(m, kk, p, &gy, p, &col, p, &mut dw)),
+        best(2, || sgemm(m, p, kk, 1.0, Mat::rows(&gy, p), Mat::t(&col, p), 0.0, &mut dw)),
+        best(2, || sgemm(kk, m, p, 1.0, Mat::t(&w, kk), Mat::rows(&gy, p), beta_dx, &mut dcol)),
+    ]
+}
+
 fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(16);
     // BENCH_THREADS=1: only the 1-thread table
@@ -214,5 +243,14 @@ fn main() {
         }
         let g: Vec<f64> = tot.iter().map(|&s| flops_tot / s / 1e9).collect();
         println!("{:26} {:6.1} {:4.0}% | {:6.1} {:4.0}% | {:6.1} {:4.0}%", "all shapes", g[0], 100.0 * g[0] / peak, g[1], 100.0 * g[1] / peak, g[2], 100.0 * g[2] / peak);
+    }
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    println!("-- the GEMMs alone, one image, 1 thread: GFLOP/s and % of {peak1:.1} (fwd | dW dot | dW packed | dX)");
+    for &(name, cin, cout, k, s, hw) in SHAPES {
+        let oh = (hw + 2 * (k / 2) - k) / s + 1;
+        let flops = 2.0 * (cout * cin * k * k * oh * oh) as f64;
+        let t = pool.install(|| time_gemms(cin, cout, k, s, hw));
+        let cells: Vec<String> = t.iter().map(|&s| format!("{:6.1} {:4.0}%", flops / s / 1e9, 100.0 * flops / s / 1e9 / peak1)).collect();
+        println!("{name:26} {}", cells.join(" | "));
     }
 }

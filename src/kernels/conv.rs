@@ -6,14 +6,14 @@
 // padding), `col2im` adds such a col back into an input-shaped buffer (the
 // adjoint of im2col: conv's input gradient, conv-transpose's forward);
 // `sgemm` is C = alpha·A·B + beta·C on strided operands and `sgemm_nt_acc`
-// C += A·Bᵀ along rows (both in `gemm`: AVX-512 chosen at run time).
+// C += A·Bᵀ along rows (both in `gemm`: AVX-512 or AVX2 chosen at run time).
 // Why here: the convolution and both of its gradients are three GEMMs around
 // these two copies (candle's backprop.rs composes them the same way); the
 // callers parallelise over images with rayon, so the GEMM stays serial.
 
 mod gemm;
 
-pub use gemm::{Mat, Path, has_avx512, sgemm, sgemm_nt_acc, sgemm_nt_acc_on, sgemm_on};
+pub use gemm::{Mat, Path, fast_paths, has_avx2_fma, has_avx512, sgemm, sgemm_nt_acc, sgemm_nt_acc_on, sgemm_on};
 
 /// One image's convolution geometry (ONNX Conv, NCHW, no batch, one group).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,35 +182,44 @@ mod tests {
         }
     }
 
-    /// The AVX-512 kernels against matrixmultiply on the same operands: every
-    /// stride layout, edges in all three dimensions, several k blocks (and,
-    /// for the row dot products, several chunks and column blocks).
+    /// Each packed path's kernels against matrixmultiply on the same
+    /// operands: every stride layout, edges in all three dimensions (sizes
+    /// off every tile: 6, 8, 16, 48 and the 3x4 / 4x6 dot tiles), several k
+    /// blocks (and, for the row dot products, several chunks and column
+    /// blocks and lengths off the 8 and 16 lanes).
     #[test]
-    fn avx512_gemm_matches_the_fallback() {
-        if !has_avx512() {
-            eprintln!("skipping avx512_gemm_matches_the_fallback: this CPU has no AVX-512");
+    fn packed_gemm_matches_the_fallback() {
+        let paths = fast_paths();
+        if paths.is_empty() {
+            eprintln!("skipping packed_gemm_matches_the_fallback: this CPU runs neither AVX-512 nor AVX2+FMA");
             return;
         }
-        for (m, k, n) in [(1, 1, 1), (3, 5, 7), (8, 128, 48), (9, 129, 49), (17, 300, 100), (32, 288, 800), (64, 40, 1601), (9, 1100, 53)] {
-            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                let (a, b, c0) = (vals(m * k, 1), vals(k * n, 2), vals(m * n, 3));
-                let am = if ta { Mat::t(&a, m) } else { Mat::rows(&a, k) };
-                let bm = if tb { Mat::t(&b, k) } else { Mat::rows(&b, n) };
-                for beta in [0.0, 0.3] {
-                    let (mut c1, mut c2) = (c0.clone(), c0.clone());
-                    sgemm_on(Path::Avx512, m, k, n, 0.7, am, bm, beta, &mut c1);
-                    sgemm_on(Path::Fallback, m, k, n, 0.7, am, bm, beta, &mut c2);
-                    let e = c1.iter().zip(&c2).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-                    assert!(e < 1e-4 * (k as f32).sqrt().max(1.0), "sgemm {m}x{k}x{n} ta {ta} tb {tb} beta {beta}: max diff {e}");
+        if !paths.contains(&Path::Avx512) {
+            eprintln!("packed_gemm_matches_the_fallback: this CPU has no AVX-512; its path is not checked here");
+        }
+        let shapes = [(1, 1, 1), (3, 5, 7), (8, 128, 48), (9, 129, 49), (17, 300, 100), (32, 288, 800), (64, 40, 1601), (9, 1100, 53), (13, 515, 131), (7, 77, 17)];
+        for path in paths {
+            for (m, k, n) in shapes {
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let (a, b, c0) = (vals(m * k, 1), vals(k * n, 2), vals(m * n, 3));
+                    let am = if ta { Mat::t(&a, m) } else { Mat::rows(&a, k) };
+                    let bm = if tb { Mat::t(&b, k) } else { Mat::rows(&b, n) };
+                    for beta in [0.0, 0.3] {
+                        let (mut c1, mut c2) = (c0.clone(), c0.clone());
+                        sgemm_on(path, m, k, n, 0.7, am, bm, beta, &mut c1);
+                        sgemm_on(Path::Fallback, m, k, n, 0.7, am, bm, beta, &mut c2);
+                        let e = c1.iter().zip(&c2).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+                        assert!(e < 1e-4 * (k as f32).sqrt().max(1.0), "{path:?} sgemm {m}x{k}x{n} ta {ta} tb {tb} beta {beta}: max diff {e}");
+                    }
                 }
+                // c [m, n] += a [m, k] · b [n, k]ᵀ, rows one float longer than used
+                let (a, b, c0) = (vals(m * (k + 1), 4), vals(n * (k + 1), 5), vals(m * n, 6));
+                let (mut c1, mut c2) = (c0.clone(), c0.clone());
+                sgemm_nt_acc_on(path, m, n, k, &a, k + 1, &b, k + 1, &mut c1);
+                sgemm_nt_acc_on(Path::Fallback, m, n, k, &a, k + 1, &b, k + 1, &mut c2);
+                let e = c1.iter().zip(&c2).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+                assert!(e < 1e-4 * (k as f32).sqrt().max(1.0), "{path:?} sgemm_nt_acc {m}x{k}x{n}: max diff {e}");
             }
-            // c [m, n] += a [m, k] · b [n, k]ᵀ, rows one float longer than used
-            let (a, b, c0) = (vals(m * (k + 1), 4), vals(n * (k + 1), 5), vals(m * n, 6));
-            let (mut c1, mut c2) = (c0.clone(), c0.clone());
-            sgemm_nt_acc_on(Path::Avx512, m, n, k, &a, k + 1, &b, k + 1, &mut c1);
-            sgemm_nt_acc_on(Path::Fallback, m, n, k, &a, k + 1, &b, k + 1, &mut c2);
-            let e = c1.iter().zip(&c2).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-            assert!(e < 1e-4 * (k as f32).sqrt().max(1.0), "sgemm_nt_acc {m}x{k}x{n}: max diff {e}");
         }
     }
 
