@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use super::batches::{Batch, Sample, load_batch};
+use super::batches::{Batch, ReadAhead, Sample, load_batch};
 use super::params::{HeadLayout, ParamStore, Tensors};
 use super::schedule::At;
 use super::setup::Run;
@@ -33,7 +33,11 @@ pub fn train_epoch(run: &Run, st: &mut State, epoch: usize, opts: &TrainOptions)
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64)));
     let bar = progress_bar(opts, nb, epoch);
     let mut mloss = [0f64; 3];
-    for (i, chunk) in order.chunks(opts.batch_size).enumerate() {
+    let batches: Vec<&[usize]> = order.chunks(opts.batch_size).collect();
+    // the sparse epochs read their positives from memory, not the entries
+    let ahead = ReadAhead::new(&run.train.samples, &batches, run.sparse.is_none());
+    for (i, &chunk) in batches.iter().enumerate() {
+        ahead.at(i);
         let at = run.schedule.at(epoch, i);
         let ni = (i + nb * epoch) as i64;
         let refs: Vec<&Sample> = chunk.iter().map(|&j| &run.train.samples[j]).collect();
