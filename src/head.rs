@@ -179,6 +179,13 @@ impl Head {
 
     /// Writes `<stem>.safetensors` and `<stem>.json` atomically.
     pub fn save(&self, stem: &Path, source: HashMap<String, String>) -> Result<()> {
+        self.save_with(stem, source, crate::fsutil::write_atomic)
+    }
+
+    /// `save` by `write` (`fsutil::write_atomic`, or its unsynced form for
+    /// files that a synced one can rewrite: a run's weights/last and best,
+    /// derived from its checkpoint).
+    pub fn save_with(&self, stem: &Path, source: HashMap<String, String>, write: fn(&Path, &[u8]) -> Result<()>) -> Result<()> {
         let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for (i, (w, b)) in self.weights.iter().zip(&self.biases).enumerate() {
             let w = w.as_standard_layout();
@@ -190,9 +197,9 @@ impl Head {
             .map(|(n, shape, data)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)?)))
             .collect::<Result<_>>()?;
         let bytes = safetensors::serialize(views, None)?;
-        crate::fsutil::write_atomic(&stem.with_extension("safetensors"), &bytes)?;
+        write(&stem.with_extension("safetensors"), &bytes)?;
         let meta = serde_json::to_vec_pretty(&self.meta(source))?;
-        crate::fsutil::write_atomic(&stem.with_extension("json"), &meta)?;
+        write(&stem.with_extension("json"), &meta)?;
         Ok(())
     }
 

@@ -160,6 +160,23 @@ impl ValStats {
         self.target_cls.extend(tcls);
     }
 
+    /// Appends `other`'s images after this one's, as if they had been
+    /// `update`d here in that order: the per-image work runs where the
+    /// images are (sparse validation, on every thread), the order of the
+    /// stats and so `finish`'s ties stay the sequential ones.
+    pub fn merge(&mut self, other: ValStats) {
+        assert_eq!(self.nc, other.nc, "merging the stats of {} classes into {}", other.nc, self.nc);
+        self.seen += other.seen;
+        self.correct.extend(other.correct);
+        self.correct_agnostic.extend(other.correct_agnostic);
+        self.conf.extend(other.conf);
+        self.pred_cls.extend(other.pred_cls);
+        self.target_cls.extend(other.target_cls);
+        self.confusion.matrix += &other.confusion.matrix;
+        self.acc_matched += other.acc_matched;
+        self.acc_correct += other.acc_correct;
+    }
+
     fn update_class_accuracy(&mut self, predn: ArrayView2<f32>, labels: ArrayView2<f32>) {
         let kept: Vec<usize> = (0..predn.nrows())
             .filter(|&i| predn[[i, 4]] > CLASS_ACC_CONF)

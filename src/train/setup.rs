@@ -76,7 +76,12 @@ impl Run {
 
     /// Saves the head (and the tail below N = 24) with `values` as `stem`.
     pub fn save_weights(&self, values: &super::params::Tensors, stem: &std::path::Path) -> Result<()> {
-        self.layout.head(&self.head0, values)?.save(stem, self.source.clone())?;
+        self.save_weights_with(values, stem, crate::fsutil::write_atomic)
+    }
+
+    /// `save_weights` with the head written by `write` (see `Head::save_with`).
+    pub fn save_weights_with(&self, values: &super::params::Tensors, stem: &std::path::Path, write: fn(&std::path::Path, &[u8]) -> Result<()>) -> Result<()> {
+        self.layout.head(&self.head0, values)?.save_with(stem, self.source.clone(), write)?;
         if let Some(t) = &self.tail {
             super::tail::save(stem, &t.net, values)?;
         }
