@@ -15,7 +15,8 @@
 // On 1 thread the times are the thread's CPU time (/proc/thread-self/schedstat),
 // so that other processes on a shared machine inflate them less than the wall
 // clock; 2 threads use the wall clock.
-// Run: cargo run --release --features tools --example bench_conv [BATCH]
+// Run: cargo run --features tools --example bench_conv [BATCH]
+// (BENCH_THREADS=1: the 1-thread tables only; BENCH_GEMMS_ONLY=1: the GEMM table only)
 
 use std::time::Instant;
 
@@ -212,8 +213,10 @@ fn main() {
             (peak1, peak2) = (f64::max(peak1, a1), f64::max(peak2, a2));
         }
     }
+    // BENCH_GEMMS_ONLY=1: skip the conv tables (a block-size sweep needs only the last one)
+    let convs = std::env::var_os("BENCH_GEMMS_ONLY").is_none();
     println!("batch {n}; GFLOP/s and % of the best peak above (fwd | dW | dX)");
-    for threads in (1..=max_threads).filter(|t| [1, 2].contains(t)) {
+    for threads in (1..=max_threads).filter(|t| convs && [1, 2].contains(t)) {
         let peak = if threads == 1 { peak1 } else { peak2 };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         println!("-- {threads} thread(s), peak {peak:.1} GFLOP/s");

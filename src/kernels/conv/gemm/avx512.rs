@@ -63,7 +63,9 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32,
             let (b0, b1, b2) = (ld(bk), ld(bk.wrapping_add(16)), ld(bk.wrapping_add(32)));
             let ak = a.wrapping_add(kk * MR);
             for (r, acc) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*ak.wrapping_add(r));
+                // a load + broadcast rather than `set1(*p)`, whose dereference
+                // carries the dev profile's null/alignment checks into the loop
+                let av = _mm512_broadcastss_ps(_mm_load_ss(ak.wrapping_add(r)));
                 acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
                 acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
                 acc[2] = _mm512_fmadd_ps(av, b2, acc[2]);
