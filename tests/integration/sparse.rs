@@ -212,21 +212,10 @@ fn results_agree(dir: &Path) {
 }
 
 /// `train` on the named 320 test model (layer numbering known) at
-/// `--freeze 17`, tract, 3 epochs.
+/// `--freeze 17`.
 fn train_17(dir: &Path, yaml: &Path, name: &str, extra: &[&str]) -> std::process::Output {
-    std::process::Command::new(common::bin())
-        .args(["train", "--engine", "tract", "--epochs", "3", "--batch-size", "4", "--seed", "7", "--freeze", "17", "--weights"])
-        .arg(common::root().join("models/tiny-320-op17.onnx"))
-        .arg("--data")
-        .arg(yaml)
-        .arg("--cache-dir")
-        .arg(dir.join("cache"))
-        .arg("--project")
-        .arg(dir.join("runs"))
-        .args(["--name", name])
-        .args(extra)
-        .output()
-        .unwrap()
+    let args: Vec<&str> = ["--freeze", "17"].iter().chain(extra).copied().collect();
+    crate::train::train_model(dir, yaml, &common::root().join("models/tiny-320-op17.onnx"), name, &args)
 }
 
 /// Below `--freeze 24`, `--train cls` (and `--add-classes`) run the frozen

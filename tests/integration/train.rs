@@ -51,9 +51,14 @@ fn dataset_n(dir: &Path, names: &[&str], ntrain: usize, nval: usize) -> PathBuf 
 }
 
 pub(crate) fn train(dir: &Path, yaml: &Path, name: &str, extra: &[&str]) -> Output {
+    train_model(dir, yaml, &common::root().join(MODEL), name, extra)
+}
+
+/// `train` with another model.
+pub(crate) fn train_model(dir: &Path, yaml: &Path, model: &Path, name: &str, extra: &[&str]) -> Output {
     Command::new(common::bin())
         .args(["train", "--engine", "tract", "--epochs", "3", "--batch-size", "4", "--seed", "7", "--weights"])
-        .arg(common::root().join(MODEL))
+        .arg(model)
         .arg("--data")
         .arg(yaml)
         .arg("--cache-dir")
