@@ -19,6 +19,8 @@ use rayon::prelude::*;
 
 use super::tape::{GradAcc, Op, Tape, Var};
 use crate::kernels::conv::{Geom, Mat, col2im, im2col, sgemm, sgemm_nt_acc};
+use crate::kernels::elementwise::filled;
+use std::mem::MaybeUninit;
 use crate::tail::ops::{ConvSpec, ConvTransposeSpec};
 
 /// From this many output pixels on, dW = dY·colᵀ runs as row dot products
@@ -67,7 +69,7 @@ fn nchw(op: &str, a: &ArrayD<f32>) -> [usize; 4] {
 /// Per-channel sums of g [n, m, p] (the bias gradient), in f64; images in
 /// parallel, their sums added in image order (the serial loop's order).
 fn channel_sums(g: &[f32], m: usize, p: usize) -> ArrayD<f32> {
-    let per_image: Vec<Vec<f64>> = g.par_chunks_exact(m * p).map(|gi| gi.chunks_exact(p).map(|row| row.iter().map(|&v| v as f64).sum::<f64>()).collect()).collect();
+    let per_image: Vec<Vec<f64>> = g.par_chunks_exact(m * p).map(|gi| gi.chunks_exact(p).map(row_sum).collect()).collect();
     let mut s = vec![0.0f64; m];
     for r in per_image {
         s.iter_mut().zip(r).for_each(|(sj, v)| *sj += v);
@@ -75,11 +77,36 @@ fn channel_sums(g: &[f32], m: usize, p: usize) -> ArrayD<f32> {
     ArrayD::from_shape_vec(IxDyn(&[m]), s.into_iter().map(|v| v as f32).collect()).unwrap()
 }
 
+/// The sum of a row in f64, in 8 lanes (positions ≡ l mod 8) added at the
+/// end: independent chains the compiler vectorises, where one running sum
+/// waited on each add's latency (a bias gradient reads every output).
+fn row_sum(row: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let mut it = row.chunks_exact(8);
+    for c in &mut it {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v as f64;
+        }
+    }
+    for (l, &v) in lanes.iter_mut().zip(it.remainder()) {
+        *l += v as f64;
+    }
+    lanes.iter().sum()
+}
+
 /// Fills each of the `rows` rows (length p) of `out` with its bias.
 fn fill_bias(out: &mut [f32], bias: Option<&[f32]>, p: usize) {
     match bias {
         Some(b) => out.chunks_exact_mut(p).zip(b).for_each(|(r, &v)| r.fill(v)),
         None => out.fill(0.0),
+    }
+}
+
+/// `fill_bias` on an uninitialised buffer (every slot written).
+fn fill_bias_uninit(out: &mut [MaybeUninit<f32>], bias: Option<&[f32]>, p: usize) {
+    match bias {
+        Some(b) => out.chunks_exact_mut(p).zip(b).for_each(|(r, &v)| r.iter_mut().for_each(|d| _ = d.write(v))),
+        None => out.iter_mut().for_each(|d| _ = d.write(0.0)),
     }
 }
 
@@ -112,8 +139,11 @@ impl Tape {
         let ws = contiguous(self.value(w));
         let bias = b.map(|b| contiguous(self.value(b)).into_owned());
         assert!(bias.as_ref().is_none_or(|b| b.len() == m), "conv2d: bias length");
-        let mut out = vec![0.0f32; n * m * p];
-        out.par_chunks_mut(m * p).enumerate().for_each(|(i, oi)| {
+        let image = |i: usize, oi: &mut [MaybeUninit<f32>]| {
+            // every slot gets its bias (or 0) first; the GEMMs add to it
+            fill_bias_uninit(oi, bias.as_deref(), p);
+            // SAFETY: fill_bias_uninit wrote every slot of oi.
+            let oi = unsafe { &mut *(oi as *mut [MaybeUninit<f32>] as *mut [f32]) };
             let xi = &xs[i * c * h * wd..(i + 1) * c * h * wd];
             let mut col = if g.is_pointwise() { Vec::new() } else { take_col(k * p) };
             for gi in 0..groups {
@@ -125,11 +155,12 @@ impl Tape {
                     &col
                 };
                 let og = &mut oi[gi * mg * p..(gi + 1) * mg * p];
-                fill_bias(og, bias.as_ref().map(|b| &b[gi * mg..(gi + 1) * mg]), p);
                 sgemm(mg, k, p, 1.0, Mat::rows(&ws[gi * mg * k..(gi + 1) * mg * k], k), Mat::rows(cm, p), 1.0, og);
             }
             give_col(col);
-        });
+        };
+        // SAFETY: `image` writes every slot of its piece (fill_bias_uninit).
+        let out = unsafe { filled(n * m * p, m * p, image) };
         let v = ArrayD::from_shape_vec(IxDyn(&[n, m, g.oh, g.ow]), out).unwrap();
         let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
         self.push_op(v, Op::Conv2d { x, w, b, spec: *spec }, &inputs)
