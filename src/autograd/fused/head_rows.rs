@@ -185,6 +185,57 @@ mod tests {
         }
     }
 
+    /// Value and gradients against the definition summed in f64, on a grid
+    /// below and one above NT_MIN_P pixels (dW as a packed GEMM and as row
+    /// dot products: the second is what yolov5n's 80x80 level runs).
+    #[test]
+    fn equals_the_definition_on_both_sides_of_the_dot_product_threshold() {
+        for (ny, nx) in [(5, 7), (40, 41)] {
+            let (bs, cin, na, no) = (2, 3, 3, 6);
+            let p = ny * nx;
+            assert_eq!(p >= NT_MIN_P, ny == 40);
+            let x = rand_array(&[bs, cin, ny, nx], 11, -1.0, 1.0);
+            let w = rand_array(&[na * no, cin], 12, -1.0, 1.0);
+            let b = rand_array(&[na * no], 13, -1.0, 1.0);
+            let r = rand_array(&[bs * na * p, no], 14, -1.0, 1.0);
+            let mut t = Tape::new();
+            let (xv, wv, bv, rv) = (t.param(x.clone()), t.param(w.clone()), t.param(b.clone()), t.constant(r.clone()));
+            let pv = t.head_rows(xv, wv, bv, na);
+            let val = t.value(pv).clone();
+            let l = t.mul(pv, rv);
+            let l = t.sum(l);
+            let mut g = t.backward(l);
+            let [gx, gw, gb] = [xv, wv, bv].map(|v| g.take(v).unwrap());
+            let (xs, ws, rs) = (x.as_slice().unwrap(), w.as_slice().unwrap(), r.as_slice().unwrap());
+            let row = |i: usize, a: usize, px: usize| ((i * na + a) * p + px) * no;
+            let (mut dw, mut db, mut dx) = (vec![0.0f64; na * no * cin], vec![0.0f64; na * no], vec![0.0f64; bs * cin * p]);
+            for i in 0..bs {
+                for a in 0..na {
+                    for px in 0..p {
+                        for o in 0..no {
+                            let (k, ro) = (a * no + o, rs[row(i, a, px) + o] as f64);
+                            let mut y = b[[k]] as f64;
+                            for c in 0..cin {
+                                let xv = xs[(i * cin + c) * p + px] as f64;
+                                y += ws[k * cin + c] as f64 * xv;
+                                dw[k * cin + c] += ro * xv;
+                                dx[(i * cin + c) * p + px] += ro * ws[k * cin + c] as f64;
+                            }
+                            db[k] += ro;
+                            assert!((val[[row(i, a, px) / no, o]] as f64 - y).abs() < 1e-5, "{ny}x{nx}: value");
+                        }
+                    }
+                }
+            }
+            for (name, got, want) in [("dW", &gw, &dw), ("db", &gb, &db), ("dx", &gx, &dx)] {
+                let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+                for (a, e) in got.iter().zip(want.iter()) {
+                    assert!((*a as f64 - e).abs() <= 1e-5 * scale, "{ny}x{nx} {name}: {a} vs {e}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn gradients_match_finite_differences() {
         let x = rand_array(&[2, 3, 2, 3], 5, -1.0, 1.0);
