@@ -411,3 +411,42 @@ fn export_command_round_trip() {
         assert_eq!(m.spec.imgsz, if extra.is_empty() { Some([256, 256]) } else { None });
     }
 }
+
+/// `export --freeze N` of an untouched model, for every N of YOLOv5's
+/// boundary: the frozen graph, layers N..23 as they are and the head make
+/// the source model again, so every N writes the same file, and that file
+/// reproduces the source's output0 (boxes ≤ 1e-3 px, confidences ≤ 1e-5)
+/// on every engine; a model whose layer numbers are stripped is refused
+/// below 24 with the reason.
+#[test]
+fn export_at_every_freeze_of_an_untouched_model_reproduces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = common::root().join("models/tiny-320-op17.onnx");
+    let export_at = |n: usize| -> Vec<u8> {
+        let out = dir.path().join(format!("f{n}.onnx"));
+        let o = Command::new(common::bin()).args(["export", "--weights"]).arg(&src).args(["--freeze", &n.to_string(), "--out"]).arg(&out).output().unwrap();
+        assert!(o.status.success(), "--freeze {n}: {}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(&out).unwrap()
+    };
+    let at24 = export_at(24);
+    for n in 10..24 {
+        assert!(export_at(n) == at24, "--freeze {n} wrote another file than --freeze 24");
+    }
+    let model = Model::load(&src).unwrap();
+    let source = onnx::encode_model(&model.proto);
+    for opts in common::engines() {
+        let mut exported = Engine::new(&at24, 320, &opts).unwrap();
+        let mut original = Engine::new(&source, 320, &opts).unwrap();
+        for img in images() {
+            let input = letterboxed(&img, 320);
+            let got = exported.run(input.view()).unwrap().remove(0);
+            let want = original.run(input.view()).unwrap().remove(0);
+            let (b, c) = diffs(got.index_axis(Axis(0), 0).into_dimensionality().unwrap(), want.index_axis(Axis(0), 0).into_dimensionality().unwrap());
+            assert!(b <= BOX_TOL && c <= CONF_TOL, "{} {}: {b} {c}", engine_name(&opts), img.display());
+        }
+    }
+    let stripped = common::root().join("models/tiny-256-nc3-stripped.onnx");
+    let o = Command::new(common::bin()).args(["export", "--weights"]).arg(&stripped).args(["--freeze", "17", "--out"]).arg(dir.path().join("s.onnx")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("24"), "a stripped model at --freeze 17: {err}");
+}
