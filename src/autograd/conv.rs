@@ -18,7 +18,7 @@ use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
 use super::tape::{GradAcc, Op, Tape, Var};
-use crate::kernels::conv::{Geom, Mat, col2im, im2col, sgemm, sgemm_nt_acc};
+use crate::kernels::conv::{Geom, Mat, PackedA, col2im, im2col, pack_a, sgemm, sgemm_nt_acc, sgemm_packed};
 use crate::kernels::elementwise::filled;
 use std::mem::MaybeUninit;
 use crate::tail::ops::{ConvSpec, ConvTransposeSpec};
@@ -139,6 +139,8 @@ impl Tape {
         let ws = contiguous(self.value(w));
         let bias = b.map(|b| contiguous(self.value(b)).into_owned());
         assert!(bias.as_ref().is_none_or(|b| b.len() == m), "conv2d: bias length");
+        // each group's weights packed once for all the images
+        let wp: Vec<PackedA> = (0..groups).map(|gi| pack_a(mg, k, Mat::rows(&ws[gi * mg * k..(gi + 1) * mg * k], k))).collect();
         let image = |i: usize, oi: &mut [MaybeUninit<f32>]| {
             // every slot gets its bias (or 0) first; the GEMMs add to it
             fill_bias_uninit(oi, bias.as_deref(), p);
@@ -155,7 +157,7 @@ impl Tape {
                     &col
                 };
                 let og = &mut oi[gi * mg * p..(gi + 1) * mg * p];
-                sgemm(mg, k, p, 1.0, Mat::rows(&ws[gi * mg * k..(gi + 1) * mg * k], k), Mat::rows(cm, p), 1.0, og);
+                sgemm_packed(&wp[gi], p, 1.0, Mat::rows(cm, p), 1.0, og);
             }
             give_col(col);
         };
@@ -180,6 +182,7 @@ impl Tape {
         let ws = contiguous(self.value(w));
         let bias = b.map(|b| contiguous(self.value(b)).into_owned());
         assert!(bias.as_ref().is_none_or(|b| b.len() == m), "conv_transpose2d: bias length");
+        let wp: Vec<PackedA> = (0..groups).map(|gi| pack_a(k, cg, Mat::t(&ws[gi * cg * k..(gi + 1) * cg * k], k))).collect();
         let mut out = vec![0.0f32; n * m * op];
         out.par_chunks_mut(m * op).enumerate().for_each(|(i, oi)| {
             let xi = &xs[i * c * p..(i + 1) * c * p];
@@ -187,11 +190,11 @@ impl Tape {
             for gi in 0..groups {
                 let og = &mut oi[gi * mg * op..(gi + 1) * mg * op];
                 fill_bias(og, bias.as_ref().map(|b| &b[gi * mg..(gi + 1) * mg]), op);
-                let (wg, xg) = (Mat::t(&ws[gi * cg * k..(gi + 1) * cg * k], k), Mat::rows(&xi[gi * cg * p..(gi + 1) * cg * p], p));
+                let xg = Mat::rows(&xi[gi * cg * p..(gi + 1) * cg * p], p);
                 if g.is_pointwise() {
-                    sgemm(k, cg, p, 1.0, wg, xg, 1.0, og);
+                    sgemm_packed(&wp[gi], p, 1.0, xg, 1.0, og);
                 } else {
-                    sgemm(k, cg, p, 1.0, wg, xg, 0.0, &mut col);
+                    sgemm_packed(&wp[gi], p, 1.0, xg, 0.0, &mut col);
                     col2im(&g, &col, og);
                 }
             }
@@ -226,6 +229,8 @@ pub fn conv2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec: &ConvSpec
     // readers left there: a C3's input feeds two convs), which saves a
     // full-size temporary and the pass adding it; a buffer in another
     // layout (from some other op's `add`) gets a temporary as before
+    // Wᵀ of each group, packed once for all the images' dX
+    let wtp: Vec<PackedA> = if need_x { (0..groups).map(|gi| pack_a(k, mg, Mat::t(&ws[gi * mg * k..(gi + 1) * mg * k], k))).collect() } else { Vec::new() };
     let in_place = need_x && acc.buffer(x).is_standard_layout();
     let mut own = if need_x && !in_place { vec![0.0f32; n * chw] } else { Vec::new() };
     let dx: &mut [f32] = if in_place { acc.buffer(x).as_slice_mut().expect("standard layout") } else { &mut own };
@@ -253,12 +258,11 @@ pub fn conv2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec: &ConvSpec
                     }
                 }
                 if need_x {
-                    let wt = Mat::t(&ws[gi * mg * k..(gi + 1) * mg * k], k);
                     let dxg = &mut dxi[gi * cg * h * wd..(gi + 1) * cg * h * wd];
                     if geo.is_pointwise() {
-                        sgemm(k, mg, p, 1.0, wt, gy, 1.0, dxg);
+                        sgemm_packed(&wtp[gi], p, 1.0, gy, 1.0, dxg);
                     } else {
-                        sgemm(k, mg, p, 1.0, wt, gy, 0.0, &mut col);
+                        sgemm_packed(&wtp[gi], p, 1.0, gy, 0.0, &mut col);
                         col2im(&geo, &col, dxg);
                     }
                 }
@@ -295,6 +299,7 @@ pub fn conv_transpose2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec:
     }
     let xs = contiguous(t.value(x));
     let ws = contiguous(t.value(w));
+    let wp: Vec<PackedA> = if need_x { (0..groups).map(|gi| pack_a(cg, k, Mat::rows(&ws[gi * cg * k..(gi + 1) * cg * k], k))).collect() } else { Vec::new() };
     let mut dx = if need_x { vec![0.0f32; n * c * p] } else { Vec::new() };
     let parts: Vec<Vec<f32>> = chunks_or_empty(&mut dx, c * p, n)
         .into_par_iter()
@@ -312,8 +317,7 @@ pub fn conv_transpose2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec:
                     &col
                 };
                 if need_x {
-                    let wg = Mat::rows(&ws[gi * cg * k..(gi + 1) * cg * k], k);
-                    sgemm(cg, k, p, 1.0, wg, Mat::rows(cm, p), 0.0, &mut dxi[gi * cg * p..(gi + 1) * cg * p]);
+                    sgemm_packed(&wp[gi], p, 1.0, Mat::rows(cm, p), 0.0, &mut dxi[gi * cg * p..(gi + 1) * cg * p]);
                 }
                 if need_w {
                     let xg = Mat::rows(&xs[(i * c + gi * cg) * p..(i * c + (gi + 1) * cg) * p], p);

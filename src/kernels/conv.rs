@@ -13,7 +13,7 @@
 
 mod gemm;
 
-pub use gemm::{Mat, Path, fast_paths, has_avx2_fma, has_avx512, sgemm, sgemm_nt_acc, sgemm_nt_acc_on, sgemm_on};
+pub use gemm::{Mat, PackedA, Path, fast_paths, has_avx2_fma, has_avx512, pack_a, pack_a_on, sgemm, sgemm_nt_acc, sgemm_nt_acc_on, sgemm_on, sgemm_packed};
 
 /// One image's convolution geometry (ONNX Conv, NCHW, no batch, one group).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,6 +210,10 @@ mod tests {
                         sgemm_on(Path::Fallback, m, k, n, 0.7, am, bm, beta, &mut c2);
                         let e = c1.iter().zip(&c2).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
                         assert!(e < 1e-4 * (k as f32).sqrt().max(1.0), "{path:?} sgemm {m}x{k}x{n} ta {ta} tb {tb} beta {beta}: max diff {e}");
+                        // A packed once: the same kernel on the same panels, so the same bits
+                        let mut c3 = c0.clone();
+                        sgemm_packed(&pack_a_on(path, m, k, am), n, 0.7, bm, beta, &mut c3);
+                        assert!(c3 == c1, "{path:?} sgemm_packed {m}x{k}x{n} ta {ta} tb {tb} beta {beta} differs from sgemm");
                     }
                 }
                 // c [m, n] += a [m, k] · b [n, k]ᵀ, rows one float longer than used

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::autograd::conv::{NT_MIN_P, contiguous};
 use crate::autograd::tape::{FusedOp, GradAcc, Tape, Var};
-use crate::kernels::conv::{Mat, sgemm, sgemm_nt_acc};
+use crate::kernels::conv::{Mat, pack_a, sgemm, sgemm_nt_acc, sgemm_packed};
 
 fn dims(t: &Tape, x: Var, w: Var, na: usize) -> (usize, usize, usize, usize) {
     let xs = t.value(x).shape();
@@ -42,6 +42,7 @@ impl Tape {
         let ws = contiguous(self.value(w));
         let bs = contiguous(self.value(b));
         assert_eq!(bs.len(), na * no, "head_rows: bias length");
+        let wp = pack_a(na * no, cin, Mat::rows(&ws, cin));
         let mut out = vec![0.0f32; n * na * p * no];
         out.par_chunks_mut(na * p * no).enumerate().for_each(|(i, oi)| {
             let xi = &xs[i * cin * p..(i + 1) * cin * p];
@@ -50,7 +51,7 @@ impl Tape {
             // mostly on padding), then transposed into the p rows in cache
             let mut y = vec![0.0f32; na * no * p];
             y.chunks_exact_mut(p).zip(bs.iter()).for_each(|(r, &v)| r.fill(v));
-            sgemm(na * no, cin, p, 1.0, Mat::rows(&ws, cin), Mat::rows(xi, p), 1.0, &mut y);
+            sgemm_packed(&wp, p, 1.0, Mat::rows(xi, p), 1.0, &mut y);
             for (ya, oa) in y.chunks_exact(no * p).zip(oi.chunks_exact_mut(p * no)) {
                 for (o, yr) in ya.chunks_exact(p).enumerate() {
                     oa.iter_mut().skip(o).step_by(no).zip(yr).for_each(|(d, &v)| *d = v);
@@ -92,6 +93,7 @@ fn backward(t: &Tape, op: &HeadRows, g: ArrayD<f32>, acc: &mut GradAcc) {
     }
     let xs = contiguous(t.value(x));
     let ws = contiguous(t.value(w));
+    let wtp = need_x.then(|| pack_a(cin, na * no, Mat::t(&ws, cin)));
     let mut dx = if need_x { vec![0.0f32; n * cin * p] } else { Vec::new() };
     let chunks: Vec<&mut [f32]> = if need_x { dx.chunks_mut(cin * p).collect() } else { (0..n).map(|_| <&mut [f32]>::default()).collect() };
     let parts: Vec<Vec<f32>> = chunks
@@ -118,8 +120,8 @@ fn backward(t: &Tape, op: &HeadRows, g: ArrayD<f32>, acc: &mut GradAcc) {
                     sgemm(na * no, p, cin, 1.0, Mat::rows(&gt, p), Mat::t(xi, p), 0.0, &mut dw);
                 }
             }
-            if need_x {
-                sgemm(cin, na * no, p, 1.0, Mat::t(&ws, cin), Mat::rows(&gt, p), 0.0, dxi);
+            if let Some(wtp) = &wtp {
+                sgemm_packed(wtp, p, 1.0, Mat::rows(&gt, p), 0.0, dxi);
             }
             dw
         })

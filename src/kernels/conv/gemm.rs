@@ -147,6 +147,63 @@ pub fn sgemm_on(path: Path, m: usize, k: usize, n: usize, alpha: f32, a: Mat, b:
     }
 }
 
+/// A GEMM's left operand [m, k] packed once for several products with
+/// different right operands (a conv's weights, the same for every image of
+/// a batch: packing them per image cost as much as a small conv's B).
+/// `sgemm_packed` with it gives exactly `sgemm`'s result.
+pub struct PackedA {
+    path: Path,
+    m: usize,
+    k: usize,
+    /// The path's panels (row-major A for the fallback).
+    data: Vec<f32>,
+}
+
+/// Packs a [m, k] for `sgemm_packed` on the fastest path.
+pub fn pack_a(m: usize, k: usize, a: Mat) -> PackedA {
+    pack_a_on(path(), m, k, a)
+}
+
+/// `pack_a` for the given path.
+pub fn pack_a_on(path: Path, m: usize, k: usize, a: Mat) -> PackedA {
+    assert!(m == 0 || k == 0 || (m - 1) * a.rs + (k - 1) * a.cs < a.data.len(), "pack_a: operand too small");
+    let data = match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512 => avx512::pack_a(m, k, &a),
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => avx2::pack_a(m, k, &a),
+        _ => (0..m * k).map(|i| a.at(i / k, i % k)).collect(),
+    };
+    PackedA { path, m, k, data }
+}
+
+/// c [m, n] = alpha · A · b [k, n] + beta · c for A packed by `pack_a`.
+pub fn sgemm_packed(pa: &PackedA, n: usize, alpha: f32, b: Mat, beta: f32, c: &mut [f32]) {
+    let (m, k) = (pa.m, pa.k);
+    if m == 0 || n == 0 || k == 0 {
+        // nothing packed to multiply: sgemm's own edge handling
+        return sgemm_on(Path::Fallback, m, k, n, alpha, Mat::rows(&pa.data, k.max(1)), b, beta, c);
+    }
+    assert!(c.len() >= m * n, "sgemm_packed: c too small");
+    assert!((k - 1) * b.rs + (n - 1) * b.cs < b.data.len(), "sgemm_packed: operand too small");
+    match pa.path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512 => {
+            assert!(has_avx512(), "sgemm_packed: the AVX-512 path on a CPU without AVX-512");
+            // SAFETY: AVX-512F present; data is avx512::pack_a of [m, k];
+            // b and c checked above.
+            unsafe { avx512::gemm_packed(m, k, n, alpha, &pa.data, b, beta, c) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => {
+            assert!(has_avx2_fma(), "sgemm_packed: the AVX2 path on a CPU without AVX2 and FMA");
+            // SAFETY: as above, for AVX2+FMA.
+            unsafe { avx2::gemm_packed(m, k, n, alpha, &pa.data, b, beta, c) }
+        }
+        _ => sgemm_on(Path::Fallback, m, k, n, alpha, Mat::rows(&pa.data, k), b, beta, c),
+    }
+}
+
 /// c [m, n] (row-major) += a [m, len] · b [n, len]ᵀ; a's rows `lda` apart, b's `ldb`.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm_nt_acc(m: usize, n: usize, len: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32]) {

@@ -47,6 +47,21 @@ pub unsafe fn gemm(m: usize, k: usize, n: usize, alpha: f32, a: Mat, b: Mat, bet
     unsafe { blocked::gemm::<MR, NR>(kernel, [usize::MAX, KC, NC], m, k, n, alpha, a, b, beta, c) }
 }
 
+/// A [m, k] packed for `gemm_packed`.
+pub fn pack_a(m: usize, k: usize, a: &Mat) -> Vec<f32> {
+    blocked::packed_a::<MR>(a, m, k, KC)
+}
+
+/// `gemm` with A from `pack_a`.
+///
+/// # Safety
+/// As `gemm`; ap from `pack_a(m, k, ..)`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_packed(m: usize, k: usize, n: usize, alpha: f32, ap: &[f32], b: Mat, beta: f32, c: &mut [f32]) {
+    // SAFETY: as the caller promises.
+    unsafe { blocked::gemm_packed::<MR, NR>(kernel, [usize::MAX, KC, NC], ap, m, k, n, alpha, b, beta, c) }
+}
+
 /// One MR x NR tile (see `blocked::TileKernel`).
 ///
 /// # Safety

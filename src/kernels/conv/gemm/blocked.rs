@@ -39,14 +39,53 @@ pub(super) type TileKernel = unsafe fn(usize, *const f32, *const f32, f32, f32, 
 /// The CPU runs `kernel`; the operands hold what `super::sgemm_on` checks.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn gemm<const MR: usize, const NR: usize>(
-    kernel: TileKernel, [mb, kb, nb]: [usize; 3], m: usize, k: usize, n: usize, alpha: f32, a: Mat, b: Mat, beta: f32, c: &mut [f32],
+    kernel: TileKernel, blocks: [usize; 3], m: usize, k: usize, n: usize, alpha: f32, a: Mat, b: Mat, beta: f32, c: &mut [f32],
+) {
+    BUFS.with(|bufs| {
+        let (av, bv) = &mut *bufs.borrow_mut();
+        let ap = aligned(av, m.div_ceil(MR) * MR * k);
+        pack_a::<MR>(&a, m, k, blocks[1], ap);
+        // SAFETY: as the caller promises; ap holds A packed as `body` reads it.
+        unsafe { body::<MR, NR>(kernel, blocks, ap, m, k, n, alpha, b, beta, c, bv) }
+    })
+}
+
+/// A [m, k] packed as `gemm` packs it with k blocks of `kb`, for several
+/// products with the same A (a conv's weights, shared by a batch's images).
+pub(super) fn packed_a<const MR: usize>(a: &Mat, m: usize, k: usize, kb: usize) -> Vec<f32> {
+    let mut ap = vec![0.0; m.div_ceil(MR) * MR * k];
+    pack_a::<MR>(a, m, k, kb, &mut ap);
+    ap
+}
+
+/// `gemm` with A already packed by `packed_a` (same MR and k block).
+///
+/// # Safety
+/// The CPU runs `kernel`; ap is `packed_a::<MR>` of an [m, k] A with k
+/// blocks of `blocks[1]`; b and c hold what `super::sgemm_on` checks.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_packed<const MR: usize, const NR: usize>(
+    kernel: TileKernel, blocks: [usize; 3], ap: &[f32], m: usize, k: usize, n: usize, alpha: f32, b: Mat, beta: f32, c: &mut [f32],
+) {
+    assert!(ap.len() >= m.div_ceil(MR) * MR * k, "gemm_packed: packed A too small");
+    BUFS.with(|bufs| {
+        let bv = &mut bufs.borrow_mut().1;
+        // SAFETY: as the caller promises.
+        unsafe { body::<MR, NR>(kernel, blocks, ap, m, k, n, alpha, b, beta, c, bv) }
+    })
+}
+
+/// The loops of `gemm` after A is packed (`bv`: the B packing buffer).
+///
+/// # Safety
+/// As `gemm_packed`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn body<const MR: usize, const NR: usize>(
+    kernel: TileKernel, [mb, kb, nb]: [usize; 3], ap: &[f32], m: usize, k: usize, n: usize, alpha: f32, b: Mat, beta: f32, c: &mut [f32], bv: &mut Vec<f32>,
 ) {
     let mp = m.div_ceil(MR);
     let mbp = (mb / MR).max(1);
-    BUFS.with(|bufs| {
-        let (av, bv) = &mut *bufs.borrow_mut();
-        let ap = aligned(av, mp * MR * k);
-        pack_a::<MR>(&a, m, k, kb, ap);
+    {
         let bp = aligned(bv, kb * nb.min(n.div_ceil(NR) * NR));
         for jc in (0..n).step_by(nb) {
             let nc = nb.min(n - jc);
@@ -73,7 +112,7 @@ pub(super) unsafe fn gemm<const MR: usize, const NR: usize>(
                 }
             }
         }
-    })
+    }
 }
 
 /// Adds the TI x TJ lane-wise products of a's and b's rows over `len`
