@@ -12,6 +12,9 @@ use std::arch::x86_64::*;
 
 use super::{Mat, blocked};
 
+/// The register tile; B panels packed by `blocked::pack_b`.
+const KERNELS: blocked::Kernels = blocked::Kernels { tile: kernel, rows: None };
+
 const MR: usize = 6;
 const NR: usize = 16;
 const KC: usize = 256;
@@ -50,7 +53,7 @@ unsafe fn ld(p: *const f32) -> __m256 {
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm(m: usize, k: usize, n: usize, alpha: f32, a: Mat, b: Mat, beta: f32, c: &mut [f32]) {
     // SAFETY: as the caller promises.
-    unsafe { blocked::gemm::<MR, NR>(kernel, [MC, KC, NC], m, k, n, alpha, a, b, beta, c) }
+    unsafe { blocked::gemm::<MR, NR>(KERNELS, [MC, KC, NC], m, k, n, alpha, a, b, beta, c) }
 }
 
 /// A [m, k] packed for `gemm_packed`.
@@ -65,7 +68,7 @@ pub fn pack_a(m: usize, k: usize, a: &Mat) -> Vec<f32> {
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_packed(m: usize, k: usize, n: usize, alpha: f32, ap: &[f32], b: Mat, beta: f32, c: &mut [f32]) {
     // SAFETY: as the caller promises.
-    unsafe { blocked::gemm_packed::<MR, NR>(kernel, [MC, KC, NC], ap, m, k, n, alpha, b, beta, c) }
+    unsafe { blocked::gemm_packed::<MR, NR>(KERNELS, [MC, KC, NC], ap, m, k, n, alpha, b, beta, c) }
 }
 
 /// One MR x NR tile (see `blocked::TileKernel`).

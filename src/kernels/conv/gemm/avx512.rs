@@ -9,6 +9,9 @@ use std::arch::x86_64::*;
 
 use super::{Mat, blocked};
 
+/// The register tile and the row-major B packer.
+const KERNELS: blocked::Kernels = blocked::Kernels { tile: kernel, rows: Some(pack_rows) };
+
 const MR: usize = 8;
 const NR: usize = 48;
 const KC: usize = 128;
@@ -44,7 +47,7 @@ unsafe fn ld(p: *const f32) -> __m512 {
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm(m: usize, k: usize, n: usize, alpha: f32, a: Mat, b: Mat, beta: f32, c: &mut [f32]) {
     // SAFETY: as the caller promises.
-    unsafe { blocked::gemm::<MR, NR>(kernel, [usize::MAX, KC, NC], m, k, n, alpha, a, b, beta, c) }
+    unsafe { blocked::gemm::<MR, NR>(KERNELS, [usize::MAX, KC, NC], m, k, n, alpha, a, b, beta, c) }
 }
 
 /// A [m, k] packed for `gemm_packed`.
@@ -59,7 +62,7 @@ pub fn pack_a(m: usize, k: usize, a: &Mat) -> Vec<f32> {
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_packed(m: usize, k: usize, n: usize, alpha: f32, ap: &[f32], b: Mat, beta: f32, c: &mut [f32]) {
     // SAFETY: as the caller promises.
-    unsafe { blocked::gemm_packed::<MR, NR>(kernel, [usize::MAX, KC, NC], ap, m, k, n, alpha, b, beta, c) }
+    unsafe { blocked::gemm_packed::<MR, NR>(KERNELS, [usize::MAX, KC, NC], ap, m, k, n, alpha, b, beta, c) }
 }
 
 /// One MR x NR tile (see `blocked::TileKernel`).
@@ -106,6 +109,40 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32,
                     v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(masks[t], p), vb, v);
                 }
                 _mm512_mask_storeu_ps(p, masks[t], v);
+            }
+        }
+    }
+}
+
+/// kc rows of nc floats (rows `stride` apart) into NR-wide panels, zero past
+/// nc (see `blocked::RowPacker`): three 16-float moves per panel row, the
+/// last panel's through masks.
+///
+/// # Safety
+/// AVX-512F; src has kc rows `stride` apart of nc floats each; dst holds
+/// ceil(nc / NR) panels of kc·NR floats.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_rows(src: *const f32, stride: usize, kc: usize, nc: usize, dst: *mut f32) {
+    let (full, rem) = (nc / NR, nc % NR);
+    let masks: [__mmask16; 3] = std::array::from_fn(|t| {
+        let w = rem.saturating_sub(16 * t).min(16);
+        ((1u32 << w) - 1) as __mmask16
+    });
+    for kk in 0..kc {
+        let row = src.wrapping_add(kk * stride);
+        for jp in 0..full {
+            let (s, d) = (row.wrapping_add(jp * NR), dst.wrapping_add(jp * kc * NR + kk * NR));
+            for t in 0..3 {
+                // SAFETY: columns jp·NR..(jp+1)·NR < nc of row kk; the panel row in dst.
+                unsafe { _mm512_mask_storeu_ps(d.wrapping_add(16 * t), 0xffff, ld(s.wrapping_add(16 * t))) };
+            }
+        }
+        if rem > 0 {
+            let (s, d) = (row.wrapping_add(full * NR), dst.wrapping_add(full * kc * NR + kk * NR));
+            for (t, &mask) in masks.iter().enumerate() {
+                // SAFETY: only the rem columns left in the row are read; the
+                // whole panel row is written (zeros past nc)
+                unsafe { _mm512_mask_storeu_ps(d.wrapping_add(16 * t), 0xffff, _mm512_maskz_loadu_ps(mask, s.wrapping_add(16 * t))) };
             }
         }
     }
@@ -179,6 +216,31 @@ unsafe fn dot_tile(len: usize, a: [*const f32; 4], b: [*const f32; 6], part: &mu
         for t in 0..6 {
             // SAFETY: within part's 24 vectors.
             unsafe { _mm512_mask_storeu_ps(pp.wrapping_add((r * 6 + t) * 16), 0xffff, acc[r][t]) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX-512 row packer writes what the portable `pack_b` writes, for
+    /// full and partial panels and a row stride wider than the rows.
+    #[test]
+    fn pack_rows_equals_pack_b() {
+        if !super::super::has_avx512() {
+            eprintln!("skipping pack_rows_equals_pack_b: this CPU has no AVX-512");
+            return;
+        }
+        for (kc, nc, ld) in [(3usize, 48usize, 48usize), (5, 100, 130), (7, 17, 17), (2, 96, 200)] {
+            let data: Vec<f32> = (0..(kc + 1) * ld).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let b = Mat::rows(&data, ld);
+            let panels = nc.div_ceil(NR) * kc * NR;
+            let (mut want, mut got) = (vec![f32::NAN; panels], vec![f32::NAN; panels]);
+            blocked::pack_b::<NR>(&b, ld, 1, kc, 0, nc, &mut want);
+            // SAFETY: AVX-512F checked; rows 1..=kc of data hold nc floats; got holds the panels.
+            unsafe { pack_rows(data.as_ptr().wrapping_add(ld), ld, kc, nc, got.as_mut_ptr()) };
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "kc {kc} nc {nc} ld {ld}");
         }
     }
 }

@@ -28,6 +28,21 @@ thread_local! {
 /// Arguments: kc, a, b, alpha, beta, c, ldc, rows, cols.
 pub(super) type TileKernel = unsafe fn(usize, *const f32, *const f32, f32, f32, *mut f32, usize, usize, usize);
 
+/// Packs kc rows of nc floats (row-major, rows `ld` apart) into NR-column
+/// panels of kc·NR floats as `pack_b` does (zero past nc), in the
+/// instruction set's registers: `pack_b`'s slice copy of one panel row
+/// was a call to memcpy per NR floats.
+/// Arguments: src, ld, kc, nc, dst.
+pub(super) type RowPacker = unsafe fn(*const f32, usize, usize, usize, *mut f32);
+
+/// An instruction set's pieces for `gemm`: the register tile, and a packer
+/// of row-major B where it has one (else `pack_b`'s portable loop).
+#[derive(Clone, Copy)]
+pub(super) struct Kernels {
+    pub tile: TileKernel,
+    pub rows: Option<RowPacker>,
+}
+
 /// C = alpha·A·B + beta·C with the tile `kernel` (see the file header);
 /// k blocks of `kb`, column blocks of `nb` (a multiple of NR), row blocks of
 /// `mb` (a multiple of MR): within one, every B micro-panel of the column
@@ -39,7 +54,7 @@ pub(super) type TileKernel = unsafe fn(usize, *const f32, *const f32, f32, f32, 
 /// The CPU runs `kernel`; the operands hold what `super::sgemm_on` checks.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn gemm<const MR: usize, const NR: usize>(
-    kernel: TileKernel, blocks: [usize; 3], m: usize, k: usize, n: usize, alpha: f32, a: Mat, b: Mat, beta: f32, c: &mut [f32],
+    kernel: Kernels, blocks: [usize; 3], m: usize, k: usize, n: usize, alpha: f32, a: Mat, b: Mat, beta: f32, c: &mut [f32],
 ) {
     BUFS.with(|bufs| {
         let (av, bv) = &mut *bufs.borrow_mut();
@@ -65,7 +80,7 @@ pub(super) fn packed_a<const MR: usize>(a: &Mat, m: usize, k: usize, kb: usize) 
 /// blocks of `blocks[1]`; b and c hold what `super::sgemm_on` checks.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn gemm_packed<const MR: usize, const NR: usize>(
-    kernel: TileKernel, blocks: [usize; 3], ap: &[f32], m: usize, k: usize, n: usize, alpha: f32, b: Mat, beta: f32, c: &mut [f32],
+    kernel: Kernels, blocks: [usize; 3], ap: &[f32], m: usize, k: usize, n: usize, alpha: f32, b: Mat, beta: f32, c: &mut [f32],
 ) {
     assert!(ap.len() >= m.div_ceil(MR) * MR * k, "gemm_packed: packed A too small");
     BUFS.with(|bufs| {
@@ -81,7 +96,7 @@ pub(super) unsafe fn gemm_packed<const MR: usize, const NR: usize>(
 /// As `gemm_packed`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn body<const MR: usize, const NR: usize>(
-    kernel: TileKernel, [mb, kb, nb]: [usize; 3], ap: &[f32], m: usize, k: usize, n: usize, alpha: f32, b: Mat, beta: f32, c: &mut [f32], bv: &mut Vec<f32>,
+    kernel: Kernels, [mb, kb, nb]: [usize; 3], ap: &[f32], m: usize, k: usize, n: usize, alpha: f32, b: Mat, beta: f32, c: &mut [f32], bv: &mut Vec<f32>,
 ) {
     let mp = m.div_ceil(MR);
     let mbp = (mb / MR).max(1);
@@ -91,7 +106,12 @@ unsafe fn body<const MR: usize, const NR: usize>(
             let nc = nb.min(n - jc);
             for pc in (0..k).step_by(kb) {
                 let kc = kb.min(k - pc);
-                pack_b::<NR>(&b, n, pc, kc, jc, nc, bp);
+                match kernel.rows {
+                    // SAFETY: B's rows pc..pc+kc hold columns jc..jc+nc
+                    // (sgemm_on checked B's extent); bp holds kc·NR per panel
+                    Some(rows) if b.cs == 1 => unsafe { rows(b.data.as_ptr().wrapping_add(pc * b.rs + jc), b.rs, kc, nc, bp.as_mut_ptr()) },
+                    _ => pack_b::<NR>(&b, n, pc, kc, jc, nc, bp),
+                }
                 let beta = if pc == 0 { beta } else { 1.0 };
                 for ib in (0..mp).step_by(mbp) {
                     for jp in 0..nc.div_ceil(NR) {
@@ -102,7 +122,7 @@ unsafe fn body<const MR: usize, const NR: usize>(
                             // tile's rows i0..i0+rows, columns j0..j0+cols lie in
                             // c [m, n]; the caller vouches for the CPU.
                             unsafe {
-                                kernel(
+                                (kernel.tile)(
                                     kc, ap.as_ptr().wrapping_add(pc * mp * MR + ip * kc * MR), bp.as_ptr().wrapping_add(jp * kc * NR), alpha, beta,
                                     c.as_mut_ptr().wrapping_add(i0 * n + j0), n, MR.min(m - i0), NR.min(n - j0),
                                 )
@@ -220,7 +240,7 @@ fn pack_a<const MR: usize>(a: &Mat, m: usize, k: usize, kb: usize, ap: &mut [f32
 
 /// B [pc..pc+kc, jc..jc+nc] as NR-column panels of kc·NR floats, element
 /// (kk, jj) of panel jp = B[pc + kk, jc + jp·NR + jj] (0 past column n).
-fn pack_b<const NR: usize>(b: &Mat, n: usize, pc: usize, kc: usize, jc: usize, nc: usize, bp: &mut [f32]) {
+pub(super) fn pack_b<const NR: usize>(b: &Mat, n: usize, pc: usize, kc: usize, jc: usize, nc: usize, bp: &mut [f32]) {
     if b.cs == 1 {
         // a row-major B (the col matrix, or x itself for a 1x1 conv): each
         // row's nc floats are read in one sweep and dealt out to the panels
@@ -342,8 +362,8 @@ mod tests {
                 let c0: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32).collect();
                 for beta in [0.0, 0.5] {
                     let runs: [(&str, Vec<f32>); 2] = [
-                        ("8x48", { let mut c = c0.clone(); unsafe { gemm::<8, 48>(scalar_tile::<8, 48>, [usize::MAX, 128, 768], m, k, n, 1.5, a, b, beta, &mut c) }; c }),
-                        ("6x16", { let mut c = c0.clone(); unsafe { gemm::<6, 16>(scalar_tile::<6, 16>, [144, 256, 256], m, k, n, 1.5, a, b, beta, &mut c) }; c }),
+                        ("8x48", { let mut c = c0.clone(); unsafe { gemm::<8, 48>(Kernels { tile: scalar_tile::<8, 48>, rows: None }, [usize::MAX, 128, 768], m, k, n, 1.5, a, b, beta, &mut c) }; c }),
+                        ("6x16", { let mut c = c0.clone(); unsafe { gemm::<6, 16>(Kernels { tile: scalar_tile::<6, 16>, rows: None }, [144, 256, 256], m, k, n, 1.5, a, b, beta, &mut c) }; c }),
                     ];
                     for (name, c) in runs {
                         for i in 0..m * n {
