@@ -156,11 +156,11 @@ fn reduce(v: &[f32]) -> f32 {
 /// # Safety
 /// AVX2+FMA; every pointer has len floats after it; part 96 floats.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_tile(len: usize, a: [*const f32; 3], b: [*const f32; 4], part: &mut [f32]) {
+unsafe fn dot_tile(len: usize, a: [*const f32; 3], b: [*const f32; 4], part: &mut [f32], first: bool) {
     assert!(part.len() >= 96);
     let pp = part.as_mut_ptr();
-    // SAFETY: part holds 12 vectors.
-    let mut acc: [[__m256; 4]; 3] = std::array::from_fn(|r| std::array::from_fn(|t| unsafe { ld(pp.wrapping_add((r * 4 + t) * 8)) }));
+    // SAFETY: part holds 12 vectors (read only after a first chunk).
+    let mut acc: [[__m256; 4]; 3] = std::array::from_fn(|r| std::array::from_fn(|t| if first { _mm256_setzero_ps() } else { unsafe { ld(pp.wrapping_add((r * 4 + t) * 8)) } }));
     let full = len / 8;
     for s in 0..full {
         // SAFETY: 8·s + 8 <= len.

@@ -181,10 +181,10 @@ unsafe fn reduce16(p: *const f32) -> f32 {
 /// AVX-512F; every pointer has len floats after it; part 384 floats.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn dot_tile(len: usize, a: [*const f32; 4], b: [*const f32; 6], part: &mut [f32]) {
+unsafe fn dot_tile(len: usize, a: [*const f32; 4], b: [*const f32; 6], part: &mut [f32], first: bool) {
     let pp = part.as_mut_ptr();
-    // SAFETY: part holds 24 vectors.
-    let mut acc: [[__m512; 6]; 4] = std::array::from_fn(|r| std::array::from_fn(|t| unsafe { ld(pp.wrapping_add((r * 6 + t) * 16)) }));
+    // SAFETY: part holds 24 vectors (read only after a first chunk).
+    let mut acc: [[__m512; 6]; 4] = std::array::from_fn(|r| std::array::from_fn(|t| if first { _mm512_setzero_ps() } else { unsafe { ld(pp.wrapping_add((r * 6 + t) * 16)) } }));
     let full = len / 16;
     for s in 0..full {
         // SAFETY: 16·s + 16 <= len.

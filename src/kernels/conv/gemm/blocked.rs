@@ -136,9 +136,11 @@ unsafe fn body<const MR: usize, const NR: usize>(
 }
 
 /// Adds the TI x TJ lane-wise products of a's and b's rows over `len`
-/// floats to `part` (TI·TJ vectors of L lanes, row-major [TI][TJ][L]).
-/// Arguments: len, a's TI row pointers, b's TJ row pointers, part.
-pub(super) type DotTile<const TI: usize, const TJ: usize> = unsafe fn(usize, [*const f32; TI], [*const f32; TJ], &mut [f32]);
+/// floats to `part` (TI·TJ vectors of L lanes, row-major [TI][TJ][L]), or,
+/// when `first`, writes them there (part's old contents ignored: no zero
+/// fill of the partials before each column block).
+/// Arguments: len, a's TI row pointers, b's TJ row pointers, part, first.
+pub(super) type DotTile<const TI: usize, const TJ: usize> = unsafe fn(usize, [*const f32; TI], [*const f32; TJ], &mut [f32], bool);
 
 /// C [m, n] += A [m, len] · B [n, len]ᵀ with the `tile` kernel (see the file
 /// header): chunks of `pc` floats, `jb` b tiles per pass over a's chunk;
@@ -162,7 +164,6 @@ pub(super) unsafe fn nt_acc<const TI: usize, const TJ: usize, const L: usize>(
         }
         for j_blk in (0..n).step_by(TJ * jb) {
             let tj = (n - j_blk).div_ceil(TJ).min(jb);
-            parts[..need].fill(0.0);
             for p0 in (0..len).step_by(pc) {
                 let pl = pc.min(len - p0);
                 for jt in 0..tj {
@@ -176,7 +177,7 @@ pub(super) unsafe fn nt_acc<const TI: usize, const TJ: usize, const L: usize>(
                         // SAFETY: every row pointer has pl floats after it
                         // (checked sizes); part holds TI·TJ vectors; the
                         // caller vouches for the CPU.
-                        unsafe { tile(pl, ai, bj, part) };
+                        unsafe { tile(pl, ai, bj, part, p0 == 0) };
                     }
                 }
             }
@@ -333,7 +334,10 @@ mod tests {
     }
 
     /// A portable `DotTile`: lane l of each output adds positions ≡ l mod L.
-    unsafe fn scalar_dot<const TI: usize, const TJ: usize, const L: usize>(len: usize, a: [*const f32; TI], b: [*const f32; TJ], part: &mut [f32]) {
+    unsafe fn scalar_dot<const TI: usize, const TJ: usize, const L: usize>(len: usize, a: [*const f32; TI], b: [*const f32; TJ], part: &mut [f32], first: bool) {
+        if first {
+            part[..TI * TJ * L].fill(0.0);
+        }
         for r in 0..TI {
             for t in 0..TJ {
                 for p in 0..len {
