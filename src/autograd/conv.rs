@@ -80,7 +80,7 @@ fn channel_sums(g: &[f32], m: usize, p: usize) -> ArrayD<f32> {
 /// The sum of a row in f64, in 8 lanes (positions ≡ l mod 8) added at the
 /// end: independent chains the compiler vectorises, where one running sum
 /// waited on each add's latency (a bias gradient reads every output).
-fn row_sum(row: &[f32]) -> f64 {
+pub(crate) fn row_sum(row: &[f32]) -> f64 {
     let mut lanes = [0.0f64; 8];
     let mut it = row.chunks_exact(8);
     for c in &mut it {

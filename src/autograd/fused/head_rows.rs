@@ -15,7 +15,7 @@
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
-use crate::autograd::conv::{NT_MIN_P, contiguous};
+use crate::autograd::conv::{NT_MIN_P, contiguous, row_sum};
 use crate::autograd::tape::{FusedOp, GradAcc, Tape, Var};
 use crate::kernels::conv::{Mat, pack_a, sgemm, sgemm_nt_acc, sgemm_packed};
 
@@ -77,18 +77,8 @@ fn backward(t: &Tape, op: &HeadRows, g: ArrayD<f32>, acc: &mut GradAcc) {
     let HeadRows { x, w, b, na } = *op;
     let (n, cin, p, no) = dims(t, x, w, na);
     let gs = contiguous(&g);
-    if acc.wants(b) {
-        let mut s = vec![0.0f64; na * no];
-        for blk in gs.chunks_exact(p * no).enumerate() {
-            let a = blk.0 % na;
-            for r in blk.1.chunks_exact(no) {
-                s[a * no..(a + 1) * no].iter_mut().zip(r).for_each(|(acc, &v)| *acc += v as f64);
-            }
-        }
-        acc.add(b, ArrayD::from_shape_vec(IxDyn(&[na * no]), s.into_iter().map(|v| v as f32).collect()).unwrap());
-    }
-    let (need_w, need_x) = (acc.wants(w), acc.wants(x));
-    if !need_w && !need_x {
+    let (need_b, need_w, need_x) = (acc.wants(b), acc.wants(w), acc.wants(x));
+    if !need_b && !need_w && !need_x {
         return;
     }
     let xs = contiguous(t.value(x));
@@ -96,7 +86,7 @@ fn backward(t: &Tape, op: &HeadRows, g: ArrayD<f32>, acc: &mut GradAcc) {
     let wtp = need_x.then(|| pack_a(cin, na * no, Mat::t(&ws, cin)));
     let mut dx = if need_x { vec![0.0f32; n * cin * p] } else { Vec::new() };
     let chunks: Vec<&mut [f32]> = if need_x { dx.chunks_mut(cin * p).collect() } else { (0..n).map(|_| <&mut [f32]>::default()).collect() };
-    let parts: Vec<Vec<f32>> = chunks
+    let parts: Vec<(Vec<f32>, Vec<f64>)> = chunks
         .into_par_iter()
         .enumerate()
         .map(|(i, dxi)| {
@@ -111,6 +101,9 @@ fn backward(t: &Tape, op: &HeadRows, g: ArrayD<f32>, acc: &mut GradAcc) {
                     gr.iter_mut().zip(gba.iter().skip(o).step_by(no)).for_each(|(d, &v)| *d = v);
                 }
             }
+            // the bias gradient: the rows of the conv-layout gradient, summed
+            // on this image's thread (it was a serial pass over all of g)
+            let db: Vec<f64> = if need_b { gt.chunks_exact(p).map(row_sum).collect() } else { Vec::new() };
             let mut dw = if need_w { vec![0.0f32; na * no * cin] } else { Vec::new() };
             if need_w {
                 // as the conv's dW: row dot products on large maps
@@ -123,9 +116,18 @@ fn backward(t: &Tape, op: &HeadRows, g: ArrayD<f32>, acc: &mut GradAcc) {
             if let Some(wtp) = &wtp {
                 sgemm_packed(wtp, p, 1.0, Mat::rows(&gt, p), 0.0, dxi);
             }
-            dw
+            (dw, db)
         })
         .collect();
+    let (parts, dbs): (Vec<Vec<f32>>, Vec<Vec<f64>>) = parts.into_iter().unzip();
+    if need_b {
+        // per-image sums added in image order (thread-count independent)
+        let mut s = vec![0.0f64; na * no];
+        for d in dbs {
+            s.iter_mut().zip(d).for_each(|(a, v)| *a += v);
+        }
+        acc.add(b, ArrayD::from_shape_vec(IxDyn(&[na * no]), s.into_iter().map(|v| v as f32).collect()).unwrap());
+    }
     if need_w {
         let mut it = parts.into_iter();
         let mut dw = it.next().unwrap_or_else(|| vec![0.0; na * no * cin]);
