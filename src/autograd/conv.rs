@@ -17,10 +17,11 @@
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
+use std::mem::MaybeUninit;
+
 use super::tape::{GradAcc, Op, Tape, Var};
 use crate::kernels::conv::{Geom, Mat, PackedA, col2im, im2col, pack_a, sgemm, sgemm_nt_acc, sgemm_packed};
 use crate::kernels::elementwise::filled;
-use std::mem::MaybeUninit;
 use crate::tail::ops::{ConvSpec, ConvTransposeSpec};
 
 /// From this many output pixels on, dW = dY·colᵀ runs as row dot products
@@ -94,20 +95,28 @@ pub(crate) fn row_sum(row: &[f32]) -> f64 {
     lanes.iter().sum()
 }
 
-/// Fills each of the `rows` rows (length p) of `out` with its bias.
-fn fill_bias(out: &mut [f32], bias: Option<&[f32]>, p: usize) {
-    match bias {
-        Some(b) => out.chunks_exact_mut(p).zip(b).for_each(|(r, &v)| r.fill(v)),
-        None => out.fill(0.0),
-    }
-}
-
-/// `fill_bias` on an uninitialised buffer (every slot written).
-fn fill_bias_uninit(out: &mut [MaybeUninit<f32>], bias: Option<&[f32]>, p: usize) {
+/// Writes each row (length p) of one image's uninitialised output with its
+/// channel's bias (0 without one) and returns it as initialised: the GEMMs
+/// then add to it, and the output costs no zero fill first.
+fn with_bias<'a>(out: &'a mut [MaybeUninit<f32>], bias: Option<&[f32]>, p: usize) -> &'a mut [f32] {
     match bias {
         Some(b) => out.chunks_exact_mut(p).zip(b).for_each(|(r, &v)| r.iter_mut().for_each(|d| _ = d.write(v))),
         None => out.iter_mut().for_each(|d| _ = d.write(0.0)),
     }
+    // SAFETY: every slot was written above (the caller's buffer holds whole rows).
+    unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// Each group's [rows, k] block of the weights w, packed once for all the
+/// images of a batch: as it is, or transposed ([k, rows]: Wᵀ for a conv's
+/// dX and a transposed conv's forward).
+fn pack_groups(w: &[f32], groups: usize, rows: usize, k: usize, transposed: bool) -> Vec<PackedA> {
+    (0..groups)
+        .map(|gi| {
+            let block = &w[gi * rows * k..(gi + 1) * rows * k];
+            if transposed { pack_a(k, rows, Mat::t(block, k)) } else { pack_a(rows, k, Mat::rows(block, k)) }
+        })
+        .collect()
 }
 
 /// Sums per-image weight partials in image order.
@@ -139,13 +148,9 @@ impl Tape {
         let ws = contiguous(self.value(w));
         let bias = b.map(|b| contiguous(self.value(b)).into_owned());
         assert!(bias.as_ref().is_none_or(|b| b.len() == m), "conv2d: bias length");
-        // each group's weights packed once for all the images
-        let wp: Vec<PackedA> = (0..groups).map(|gi| pack_a(mg, k, Mat::rows(&ws[gi * mg * k..(gi + 1) * mg * k], k))).collect();
+        let wp = pack_groups(&ws, groups, mg, k, false);
         let image = |i: usize, oi: &mut [MaybeUninit<f32>]| {
-            // every slot gets its bias (or 0) first; the GEMMs add to it
-            fill_bias_uninit(oi, bias.as_deref(), p);
-            // SAFETY: fill_bias_uninit wrote every slot of oi.
-            let oi = unsafe { &mut *(oi as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            let oi = with_bias(oi, bias.as_deref(), p);
             let xi = &xs[i * c * h * wd..(i + 1) * c * h * wd];
             let mut col = if g.is_pointwise() { Vec::new() } else { take_col(k * p) };
             for gi in 0..groups {
@@ -161,7 +166,7 @@ impl Tape {
             }
             give_col(col);
         };
-        // SAFETY: `image` writes every slot of its piece (fill_bias_uninit).
+        // SAFETY: `image` writes every slot of its piece (with_bias).
         let out = unsafe { filled(n * m * p, m * p, image) };
         let v = ArrayD::from_shape_vec(IxDyn(&[n, m, g.oh, g.ow]), out).unwrap();
         let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
@@ -182,14 +187,13 @@ impl Tape {
         let ws = contiguous(self.value(w));
         let bias = b.map(|b| contiguous(self.value(b)).into_owned());
         assert!(bias.as_ref().is_none_or(|b| b.len() == m), "conv_transpose2d: bias length");
-        let wp: Vec<PackedA> = (0..groups).map(|gi| pack_a(k, cg, Mat::t(&ws[gi * cg * k..(gi + 1) * cg * k], k))).collect();
-        let mut out = vec![0.0f32; n * m * op];
-        out.par_chunks_mut(m * op).enumerate().for_each(|(i, oi)| {
+        let wp = pack_groups(&ws, groups, cg, k, true);
+        let image = |i: usize, oi: &mut [MaybeUninit<f32>]| {
+            let oi = with_bias(oi, bias.as_deref(), op);
             let xi = &xs[i * c * p..(i + 1) * c * p];
             let mut col = if g.is_pointwise() { Vec::new() } else { take_col(k * p) };
             for gi in 0..groups {
                 let og = &mut oi[gi * mg * op..(gi + 1) * mg * op];
-                fill_bias(og, bias.as_ref().map(|b| &b[gi * mg..(gi + 1) * mg]), op);
                 let xg = Mat::rows(&xi[gi * cg * p..(gi + 1) * cg * p], p);
                 if g.is_pointwise() {
                     sgemm_packed(&wp[gi], p, 1.0, xg, 1.0, og);
@@ -199,7 +203,9 @@ impl Tape {
                 }
             }
             give_col(col);
-        });
+        };
+        // SAFETY: `image` writes every slot of its piece (with_bias).
+        let out = unsafe { filled(n * m * op, m * op, image) };
         let v = ArrayD::from_shape_vec(IxDyn(&[n, m, g.h, g.w]), out).unwrap();
         let inputs: Vec<Var> = [x, w].into_iter().chain(b).collect();
         self.push_op(v, Op::ConvTranspose2d { x, w, b, spec: *spec }, &inputs)
@@ -225,12 +231,11 @@ pub fn conv2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec: &ConvSpec
     let xs = contiguous(t.value(x));
     let ws = contiguous(t.value(w));
     let chw = c * h * wd;
+    let wtp = if need_x { pack_groups(&ws, groups, mg, k, true) } else { Vec::new() };
     // dX adds straight into x's gradient buffer (zeros, or what x's other
     // readers left there: a C3's input feeds two convs), which saves a
     // full-size temporary and the pass adding it; a buffer in another
     // layout (from some other op's `add`) gets a temporary as before
-    // Wᵀ of each group, packed once for all the images' dX
-    let wtp: Vec<PackedA> = if need_x { (0..groups).map(|gi| pack_a(k, mg, Mat::t(&ws[gi * mg * k..(gi + 1) * mg * k], k))).collect() } else { Vec::new() };
     let in_place = need_x && acc.buffer(x).is_standard_layout();
     let mut own = if need_x && !in_place { vec![0.0f32; n * chw] } else { Vec::new() };
     let dx: &mut [f32] = if in_place { acc.buffer(x).as_slice_mut().expect("standard layout") } else { &mut own };
@@ -299,7 +304,7 @@ pub fn conv_transpose2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec:
     }
     let xs = contiguous(t.value(x));
     let ws = contiguous(t.value(w));
-    let wp: Vec<PackedA> = if need_x { (0..groups).map(|gi| pack_a(cg, k, Mat::rows(&ws[gi * cg * k..(gi + 1) * cg * k], k))).collect() } else { Vec::new() };
+    let wp = if need_x { pack_groups(&ws, groups, cg, k, false) } else { Vec::new() };
     let mut dx = if need_x { vec![0.0f32; n * c * p] } else { Vec::new() };
     let parts: Vec<Vec<f32>> = chunks_or_empty(&mut dx, c * p, n)
         .into_par_iter()
