@@ -76,7 +76,7 @@ fn main() {
         let cut = model.cut(n).unwrap();
         let net = TailNet::build(&model, &cut, imgsz).unwrap();
         let mut store = store.clone();
-        let tail = TailRun { net, trains: true, val_dir: tempfile::tempdir().unwrap(), frozen_val: None };
+        let tail = TailRun { net, trains: true, gemm: std::env::var("BENCH_BF16").is_ok_and(|v| v == "1").then(|| freezesplit::kernels::conv::bf16_path().expect("BENCH_BF16=1 on a CPU without AVX512-BF16")), val_dir: tempfile::tempdir().unwrap(), frozen_val: None };
         add_params(&tail.net, &mut store, 1.0);
         let crossing: Vec<ArrayD<f32>> = (0..cut.crossing.len()).map(|i| { let [c, h, w] = cut.shape(i, imgsz); rand_arr(&[bs, c, h, w], -0.3, 3.0) }).collect();
         // warm-up (allocator, rayon pool), not counted

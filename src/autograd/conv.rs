@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use super::tape::{GradAcc, Op, Tape, Var};
-use crate::kernels::conv::{Geom, Mat, PackedA, col2im, im2col, pack_a, sgemm, sgemm_nt_acc, sgemm_packed};
+use crate::kernels::conv::{Geom, Mat, PackedA, Path, col2im, im2col, pack_a_on, sgemm_nt_acc_on, sgemm_on, sgemm_packed};
 use crate::kernels::elementwise::filled;
 use crate::tail::ops::{ConvSpec, ConvTransposeSpec};
 
@@ -109,12 +109,12 @@ fn with_bias<'a>(out: &'a mut [MaybeUninit<f32>], bias: Option<&[f32]>, p: usize
 
 /// Each group's [rows, k] block of the weights w, packed once for all the
 /// images of a batch: as it is, or transposed ([k, rows]: Wᵀ for a conv's
-/// dX and a transposed conv's forward).
-fn pack_groups(w: &[f32], groups: usize, rows: usize, k: usize, transposed: bool) -> Vec<PackedA> {
+/// dX and a transposed conv's forward), for the GEMM path `gp`.
+fn pack_groups(gp: Path, w: &[f32], groups: usize, rows: usize, k: usize, transposed: bool) -> Vec<PackedA> {
     (0..groups)
         .map(|gi| {
             let block = &w[gi * rows * k..(gi + 1) * rows * k];
-            if transposed { pack_a(k, rows, Mat::t(block, k)) } else { pack_a(rows, k, Mat::rows(block, k)) }
+            if transposed { pack_a_on(gp, k, rows, Mat::t(block, k)) } else { pack_a_on(gp, rows, k, Mat::rows(block, k)) }
         })
         .collect()
 }
@@ -148,7 +148,7 @@ impl Tape {
         let ws = contiguous(self.value(w));
         let bias = b.map(|b| contiguous(self.value(b)).into_owned());
         assert!(bias.as_ref().is_none_or(|b| b.len() == m), "conv2d: bias length");
-        let wp = pack_groups(&ws, groups, mg, k, false);
+        let wp = pack_groups(self.gemm(), &ws, groups, mg, k, false);
         let image = |i: usize, oi: &mut [MaybeUninit<f32>]| {
             let oi = with_bias(oi, bias.as_deref(), p);
             let xi = &xs[i * c * h * wd..(i + 1) * c * h * wd];
@@ -187,7 +187,7 @@ impl Tape {
         let ws = contiguous(self.value(w));
         let bias = b.map(|b| contiguous(self.value(b)).into_owned());
         assert!(bias.as_ref().is_none_or(|b| b.len() == m), "conv_transpose2d: bias length");
-        let wp = pack_groups(&ws, groups, cg, k, true);
+        let wp = pack_groups(self.gemm(), &ws, groups, cg, k, true);
         let image = |i: usize, oi: &mut [MaybeUninit<f32>]| {
             let oi = with_bias(oi, bias.as_deref(), op);
             let xi = &xs[i * c * p..(i + 1) * c * p];
@@ -231,7 +231,8 @@ pub fn conv2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec: &ConvSpec
     let xs = contiguous(t.value(x));
     let ws = contiguous(t.value(w));
     let chw = c * h * wd;
-    let wtp = if need_x { pack_groups(&ws, groups, mg, k, true) } else { Vec::new() };
+    let gp = t.gemm();
+    let wtp = if need_x { pack_groups(gp, &ws, groups, mg, k, true) } else { Vec::new() };
     // dX adds straight into x's gradient buffer (zeros, or what x's other
     // readers left there: a C3's input feeds two convs), which saves a
     // full-size temporary and the pass adding it; a buffer in another
@@ -257,9 +258,9 @@ pub fn conv2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec: &ConvSpec
                     };
                     let dwg = &mut dw[gi * mg * k..(gi + 1) * mg * k];
                     if p >= NT_MIN_P {
-                        sgemm_nt_acc(mg, k, p, gy.data, p, cm, p, dwg);
+                        sgemm_nt_acc_on(gp, mg, k, p, gy.data, p, cm, p, dwg);
                     } else {
-                        sgemm(mg, p, k, 1.0, gy, Mat::t(cm, p), 0.0, dwg);
+                        sgemm_on(gp, mg, p, k, 1.0, gy, Mat::t(cm, p), 0.0, dwg);
                     }
                 }
                 if need_x {
@@ -304,7 +305,8 @@ pub fn conv_transpose2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec:
     }
     let xs = contiguous(t.value(x));
     let ws = contiguous(t.value(w));
-    let wp = if need_x { pack_groups(&ws, groups, cg, k, false) } else { Vec::new() };
+    let gp = t.gemm();
+    let wp = if need_x { pack_groups(gp, &ws, groups, cg, k, false) } else { Vec::new() };
     let mut dx = if need_x { vec![0.0f32; n * c * p] } else { Vec::new() };
     let parts: Vec<Vec<f32>> = chunks_or_empty(&mut dx, c * p, n)
         .into_par_iter()
@@ -326,7 +328,7 @@ pub fn conv_transpose2d_backward(t: &Tape, x: Var, w: Var, b: Option<Var>, spec:
                 }
                 if need_w {
                     let xg = Mat::rows(&xs[(i * c + gi * cg) * p..(i * c + (gi + 1) * cg) * p], p);
-                    sgemm(cg, p, k, 1.0, xg, Mat::t(cm, p), 0.0, &mut dw[gi * cg * k..(gi + 1) * cg * k]);
+                    sgemm_on(gp, cg, p, k, 1.0, xg, Mat::t(cm, p), 0.0, &mut dw[gi * cg * k..(gi + 1) * cg * k]);
                 }
             }
             give_col(col);

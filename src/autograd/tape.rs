@@ -124,6 +124,9 @@ pub struct Tape {
     pub nodes: Vec<Node>,
     /// When the previous node was pushed (only while profiling).
     last_push: Option<std::time::Instant>,
+    /// The GEMM path of the convolutions, forward and backward (None: the
+    /// CPU's fastest f32 path; the training step of a tail may set bf16).
+    gemm: Option<crate::kernels::conv::Path>,
 }
 
 /// Gradients of the parameter leaves, indexed by `Var`.
@@ -145,6 +148,16 @@ impl Grads {
 impl Tape {
     pub fn new() -> Self {
         Tape::default()
+    }
+
+    /// A tape whose convolutions run on the given GEMM path.
+    pub fn with_gemm(gemm: crate::kernels::conv::Path) -> Self {
+        Tape { gemm: Some(gemm), ..Tape::default() }
+    }
+
+    /// The GEMM path of this tape's convolutions.
+    pub fn gemm(&self) -> crate::kernels::conv::Path {
+        self.gemm.unwrap_or_else(crate::kernels::conv::path)
     }
 
     pub fn len(&self) -> usize {

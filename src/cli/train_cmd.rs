@@ -16,7 +16,7 @@ use crate::graph::Model;
 use crate::runs::claim;
 use crate::train::hyp::TrainHyp;
 use crate::train::optim::OptimizerKind;
-use crate::train::{self, TrainOptions, TrainWhat};
+use crate::train::{self, Precision, TrainOptions, TrainWhat};
 
 /// Every training flag is optional here so that `--resume` can tell which
 /// were given; the defaults (train.py's) are applied in `settings`.
@@ -109,10 +109,40 @@ pub struct TrainArgs {
     /// The dense path (every feature map every epoch), also with --train cls
     #[arg(long)]
     pub dense: bool,
+    /// The arithmetic of the training step's convolutions below --freeze 24: bf16 (operands rounded to bfloat16, f32 sums; AVX512-BF16 CPUs), f32, or auto (bf16 where the CPU has it); validation and export always run f32 [default: auto]
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionArg>,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
     pub yolov5: Yolov5OnlyArgs,
+}
+
+/// `--precision`'s values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionArg {
+    Auto,
+    F32,
+    Bf16,
+}
+
+/// The training step's precision for `--precision` (None: auto) at `freeze`.
+fn resolve_precision(arg: Option<PrecisionArg>, freeze: usize, train: TrainWhat) -> Result<Precision> {
+    let below = freeze < crate::graph::cut::HEAD_ONLY && train != TrainWhat::Cls;
+    let has = crate::kernels::conv::has_bf16();
+    Ok(match arg.unwrap_or(PrecisionArg::Auto) {
+        PrecisionArg::Auto if below && has => Precision::Bf16,
+        PrecisionArg::Auto | PrecisionArg::F32 => Precision::F32,
+        PrecisionArg::Bf16 if !has => bail!(
+            "--precision bf16 needs a CPU with AVX512-BF16 (Intel Cooper Lake, Sapphire Rapids or later; AMD Zen 4 or later), which this one is not; use --precision f32 (or auto, which picks f32 here)"
+        ),
+        PrecisionArg::Bf16 => {
+            if !below {
+                eprintln!("note: --precision bf16 changes nothing here: only the layers below --freeze 24 train with it, and with --freeze 24 or --train cls none do");
+            }
+            Precision::Bf16
+        }
+    })
 }
 
 /// train.py flags that mean nothing on cached features: accepted, and the
@@ -183,6 +213,7 @@ impl TrainArgs {
             ("--freeze", self.freeze.is_some()),
             ("--sparse", self.sparse),
             ("--dense", self.dense),
+            ("--precision", self.precision.is_some()),
         ];
         given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect()
     }
@@ -301,6 +332,7 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
     let freeze = a.freeze.unwrap_or_else(train::default_freeze);
     // --add-classes implies --train cls, so it is sparse by default too
     let sparse = train::sparse::resolve(train, a.sparse, a.dense)?;
+    let precision = resolve_precision(a.precision, freeze, train)?;
     let model = Model::load(&weights)?;
     let imgsz = resolve_imgsz(&model, a.imgsz)?;
     let project = a.project.clone().unwrap_or_else(|| PathBuf::from("runs/train"));
@@ -330,6 +362,7 @@ fn settings(a: &TrainArgs) -> Result<TrainOptions> {
         pseudo_labels: !a.no_pseudo_labels,
         freeze,
         sparse,
+        precision,
         engine: a.engine.options(),
         progress: true,
     })

@@ -100,6 +100,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         freeze: crate::graph::cut::HEAD_ONLY,
         add_classes: false,
         pseudo_labels: true,
+        precision: crate::train::Precision::F32,
         sparse: crate::train::sparse::resolve(TrainWhat::Cls, false, false)?,
         engine: opts.engine.clone(),
         progress: opts.progress,

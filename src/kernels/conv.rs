@@ -13,7 +13,7 @@
 
 mod gemm;
 
-pub use gemm::{Mat, PackedA, Path, fast_paths, has_avx2_fma, has_avx512, pack_a, pack_a_on, sgemm, sgemm_nt_acc, sgemm_nt_acc_on, sgemm_on, sgemm_packed};
+pub use gemm::{Mat, PackedA, Path, bf16_path, fast_paths, has_avx2_fma, has_avx512, has_bf16, pack_a, path, pack_a_on, sgemm, sgemm_nt_acc, sgemm_nt_acc_on, sgemm_on, sgemm_packed};
 
 /// One image's convolution geometry (ONNX Conv, NCHW, no batch, one group).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,6 +223,57 @@ mod tests {
                 sgemm_nt_acc_on(Path::Fallback, m, n, k, &a, k + 1, &b, k + 1, &mut c2);
                 let e = c1.iter().zip(&c2).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
                 assert!(e < 1e-4 * (k as f32).sqrt().max(1.0), "{path:?} sgemm_nt_acc {m}x{k}x{n}: max diff {e}");
+            }
+        }
+    }
+
+    /// The bf16 path computes the product of the operands rounded to bf16
+    /// (to nearest even), summed in f32: against that product in f64, on
+    /// every stride layout, odd k (a zero partner in the last pair), edges
+    /// off the 8x48 and 4x6 tiles, several k blocks, chunks and column
+    /// blocks; packing A once gives the same bits.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn bf16_gemm_is_the_product_of_the_rounded_operands() {
+        let Some(path) = bf16_path() else {
+            eprintln!("skipping bf16_gemm_is_the_product_of_the_rounded_operands: this CPU has no AVX512-BF16");
+            return;
+        };
+        let r = |v: f32| gemm::from_bf16(gemm::to_bf16(v)) as f64;
+        // within f32 summation error of the exact sum of the rounded products
+        let close = |got: f32, want: f64, mag: f64| (got as f64 - want).abs() <= 1e-5 * mag + 1e-30;
+        for (m, k, n) in [(1, 1, 1), (3, 5, 7), (8, 256, 48), (9, 257, 49), (17, 301, 100), (32, 288, 800), (64, 40, 1601), (9, 1100, 53), (13, 515, 131), (7, 77, 17)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let (a, b, c0) = (vals(m * k, 1), vals(k * n, 2), vals(m * n, 3));
+                let am = if ta { Mat::t(&a, m) } else { Mat::rows(&a, k) };
+                let bm = if tb { Mat::t(&b, k) } else { Mat::rows(&b, n) };
+                for beta in [0.0, 0.3] {
+                    let mut c1 = c0.clone();
+                    sgemm_on(path, m, k, n, 0.7, am, bm, beta, &mut c1);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let terms = (0..k).map(|l| r(am.data[i * am.rs + l * am.cs]) * r(bm.data[l * bm.rs + j * bm.cs]));
+                            let (s, mag) = terms.fold((0.0, 0.0), |(s, g), t| (s + t, g + t.abs()));
+                            let want = 0.7 * s + beta as f64 * c0[i * n + j] as f64;
+                            assert!(close(c1[i * n + j], want, mag + c0[i * n + j].abs() as f64), "bf16 sgemm {m}x{k}x{n} ta {ta} tb {tb} beta {beta} [{i}, {j}]: {} vs {want}", c1[i * n + j]);
+                        }
+                    }
+                    let mut c3 = c0.clone();
+                    sgemm_packed(&pack_a_on(path, m, k, am), n, 0.7, bm, beta, &mut c3);
+                    assert!(c3 == c1, "bf16 sgemm_packed {m}x{k}x{n} ta {ta} tb {tb} beta {beta} differs from sgemm");
+                }
+            }
+            // c [m, n] += a [m, k] · b [n, k]ᵀ, rows one float longer than used
+            let (a, b, c0) = (vals(m * (k + 1), 4), vals(n * (k + 1), 5), vals(m * n, 6));
+            let mut c1 = c0.clone();
+            sgemm_nt_acc_on(path, m, n, k, &a, k + 1, &b, k + 1, &mut c1);
+            for i in 0..m {
+                for j in 0..n {
+                    let terms = (0..k).map(|l| r(a[i * (k + 1) + l]) * r(b[j * (k + 1) + l]));
+                    let (s, mag) = terms.fold((0.0, 0.0), |(s, g), t| (s + t, g + t.abs()));
+                    let want = c0[i * n + j] as f64 + s;
+                    assert!(close(c1[i * n + j], want, mag + c0[i * n + j].abs() as f64), "bf16 sgemm_nt_acc {m}x{k}x{n} [{i}, {j}]: {} vs {want}", c1[i * n + j]);
+                }
             }
         }
     }

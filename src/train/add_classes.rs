@@ -271,6 +271,7 @@ mod tests {
             add_classes: true,
             sparse: true,
             pseudo_labels: true,
+            precision: crate::train::Precision::F32,
             engine: Default::default(),
             progress: false,
         }

@@ -49,6 +49,34 @@ pub enum TrainWhat {
     Cls,
 }
 
+/// The arithmetic of the convolutions of a training step below --freeze 24
+/// (validation, export and the head at 24 always run f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 operands and sums.
+    F32,
+    /// Operands rounded to bfloat16, products summed in f32 (AVX512-BF16):
+    /// twice the multiply-adds per instruction, as PyTorch's bf16 autocast.
+    Bf16,
+}
+
+impl Precision {
+    /// The GEMM path of a training step's tape: None for f32 (the CPU's
+    /// fastest f32 path), the bf16 path otherwise.
+    pub fn gemm(self) -> Option<crate::kernels::conv::Path> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(crate::kernels::conv::Path::Avx512Bf16),
+        }
+    }
+}
+
+/// Runs made before `--precision` existed trained in f32.
+pub fn default_precision() -> Precision {
+    Precision::F32
+}
+
 /// Validated settings; also the content of opt.yaml.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainOptions {
@@ -89,6 +117,9 @@ pub struct TrainOptions {
     /// (`train::sparse`); runs made before it existed are dense.
     #[serde(default)]
     pub sparse: bool,
+    /// The training step's convolutions below --freeze 24 (`Precision`).
+    #[serde(default = "default_precision")]
+    pub precision: Precision,
     #[serde(skip)]
     pub engine: EngineOptions,
     #[serde(skip)]
@@ -363,5 +394,12 @@ fn start_run_dir(opts: &TrainOptions, wdir: &Path) -> Result<()> {
 pub fn load_opt(run: &Path) -> Result<TrainOptions> {
     let p = run.join("opt.yaml");
     let text = std::fs::read_to_string(&p).with_context(|| format!("{} is not a training run (no opt.yaml)", run.display()))?;
-    serde_yaml::from_str(&text).with_context(|| format!("{} is damaged", p.display()))
+    let o: TrainOptions = serde_yaml::from_str(&text).with_context(|| format!("{} is damaged", p.display()))?;
+    if o.precision == Precision::Bf16 && !crate::kernels::conv::has_bf16() {
+        bail!(
+            "{} trains its layers below --freeze 24 with bf16 GEMMs, which this CPU cannot run (no AVX512-BF16); resume it on a CPU that has them (Intel Cooper Lake, Sapphire Rapids or later; AMD Zen 4 or later), or start a new run with --precision f32",
+            run.display()
+        );
+    }
+    Ok(o)
 }

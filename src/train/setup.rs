@@ -115,7 +115,12 @@ pub fn prepare(opts: &TrainOptions) -> Result<Run> {
     let mut tail = if opts.freeze < crate::graph::cut::HEAD_ONLY {
         let net = crate::tail::TailNet::build(&model, &cut, opts.imgsz).with_context(|| format!("cannot train layers {}..23 of {}", opts.freeze, opts.weights.display()))?;
         let val_dir = crate::fsutil::temp_dir("freezesplit-val-", "the tail's outputs on the val images")?;
-        Some(super::tail::TailRun { net, trains: opts.train != TrainWhat::Cls, val_dir, frozen_val: None })
+        let trains = opts.train != TrainWhat::Cls;
+        let gemm = if trains { opts.precision.gemm() } else { None };
+        if gemm.is_some() {
+            eprintln!("layers {}..23 train with bf16 GEMMs (AVX512-BF16, f32 sums); validation and export run f32 (--precision f32 for f32 throughout)", opts.freeze);
+        }
+        Some(super::tail::TailRun { net, trains, gemm, val_dir, frozen_val: None })
     } else {
         None
     };

@@ -31,6 +31,9 @@ pub struct TailRun {
     pub net: TailNet,
     /// False with `--train cls`: the tail runs but stays frozen.
     pub trains: bool,
+    /// The GEMM path of a training step's convolutions (None: f32; see
+    /// `Precision`). Validation's forward always runs f32.
+    pub gemm: Option<crate::kernels::conv::Path>,
     /// Where each validation writes the val images' head inputs.
     pub val_dir: tempfile::TempDir,
     /// With a frozen tail, the val images' head inputs, computed once
@@ -96,7 +99,7 @@ fn head_p(t: &mut Tape, x: Var, w: Var, b: Var, na: usize) -> Var {
 pub fn step(params: &ParamStore, crossing: Vec<ArrayD<f32>>, targets: ndarray::ArrayView2<f32>, bs: usize, cfg: &LossConfig, grids: &[(usize, usize)], layout: &HeadLayout, tail: &TailRun) -> ([f32; 3], Tensors) {
     use crate::autograd::profile;
     let t0 = std::time::Instant::now();
-    let mut t = Tape::new();
+    let mut t = tail.gemm.map_or_else(Tape::new, Tape::with_gemm);
     let mut vars: BTreeMap<String, Var> = BTreeMap::new();
     let mut tail_vars: HashMap<String, Var> = HashMap::new();
     for (name, v) in &tail.net.params {

@@ -104,7 +104,7 @@ fn tail_gradients_match_yolov5_for_freeze_10_17_24() {
         theirs.sort();
         assert_eq!(ours, theirs, "N = {n}: crossing tensors");
         let mut store: ParamStore = layout.params(&head, &vec![1.0; head.na() * head.no()]);
-        let tail = TailRun { net, trains: true, val_dir: tempfile::tempdir().unwrap(), frozen_val: None };
+        let tail = TailRun { net, trains: true, gemm: None, val_dir: tempfile::tempdir().unwrap(), frozen_val: None };
         add_params(&tail.net, &mut store, 1.0);
         let targets = get("targets").into_dimensionality::<ndarray::Ix2>().unwrap();
         let (l, grads) = step(&store, crossing, targets.view(), 2, &cfg, &grids, &layout, &tail);

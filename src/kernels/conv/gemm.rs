@@ -20,7 +20,13 @@ use std::sync::OnceLock;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod bf16;
 mod blocked;
+
+#[cfg(target_arch = "x86_64")]
+#[cfg(test)]
+pub(super) use bf16::{from_bf16, to_bf16};
 
 /// A matrix operand: data with row and column strides (in elements), so a
 /// transpose is a stride swap rather than a copy.
@@ -54,6 +60,9 @@ pub enum Path {
     Avx512,
     /// Our packed AVX2+FMA kernels.
     Avx2,
+    /// Operands rounded to bfloat16, products summed in f32 (AVX-512 BF16):
+    /// not bit-equal to the f32 paths; the training step's choice (see bf16.rs).
+    Avx512Bf16,
     /// matrixmultiply's (AVX2/FMA where the CPU has it).
     Fallback,
 }
@@ -74,6 +83,24 @@ pub fn path() -> Path {
 /// The packed paths this CPU runs, fastest first.
 pub fn fast_paths() -> Vec<Path> {
     [(Path::Avx512, has_avx512()), (Path::Avx2, has_avx2_fma())].into_iter().filter(|p| p.1).map(|p| p.0).collect()
+}
+
+/// The bf16 path where the CPU runs it (and FREEZESPLIT_GEMM is not
+/// `fallback`).
+pub fn bf16_path() -> Option<Path> {
+    (path() != Path::Fallback && has_bf16()).then_some(Path::Avx512Bf16)
+}
+
+/// Whether this CPU runs the bf16 path (AVX-512 F, BW and BF16).
+pub fn has_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        bf16::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Whether this CPU runs the AVX-512 path.
@@ -134,6 +161,12 @@ pub fn sgemm_on(path: Path, m: usize, k: usize, n: usize, alpha: f32, a: Mat, b:
             // SAFETY: as above, for AVX2+FMA.
             unsafe { avx2::gemm(m, k, n, alpha, a, b, beta, c) }
         }
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512Bf16 => {
+            assert!(has_bf16(), "sgemm: the bf16 path on a CPU without AVX512-BF16");
+            // SAFETY: as above, for AVX-512 BF16.
+            unsafe { bf16::gemm(m, k, n, alpha, a, b, beta, c) }
+        }
         _ => {
             // SAFETY: every index the product reads or writes is within the
             // slices, checked above from the shapes and strides.
@@ -157,6 +190,8 @@ pub struct PackedA {
     k: usize,
     /// The path's panels (row-major A for the fallback).
     data: Vec<f32>,
+    /// The bf16 path's pair panels (its `data` is empty).
+    pairs: Vec<u32>,
 }
 
 /// Packs a [m, k] for `sgemm_packed` on the fastest path.
@@ -167,14 +202,17 @@ pub fn pack_a(m: usize, k: usize, a: Mat) -> PackedA {
 /// `pack_a` for the given path.
 pub fn pack_a_on(path: Path, m: usize, k: usize, a: Mat) -> PackedA {
     assert!(m == 0 || k == 0 || (m - 1) * a.rs + (k - 1) * a.cs < a.data.len(), "pack_a: operand too small");
-    let data = match path {
+    let (mut data, mut pairs) = (Vec::new(), Vec::new());
+    match path {
         #[cfg(target_arch = "x86_64")]
-        Path::Avx512 => avx512::pack_a(m, k, &a),
+        Path::Avx512 => data = avx512::pack_a(m, k, &a),
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => avx2::pack_a(m, k, &a),
-        _ => (0..m * k).map(|i| a.at(i / k, i % k)).collect(),
-    };
-    PackedA { path, m, k, data }
+        Path::Avx2 => data = avx2::pack_a(m, k, &a),
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512Bf16 if m > 0 && k > 0 => pairs = bf16::pack_a(m, k, &a),
+        _ => data = (0..m * k).map(|i| a.at(i / k, i % k)).collect(),
+    }
+    PackedA { path, m, k, data, pairs }
 }
 
 /// c [m, n] = alpha · A · b [k, n] + beta · c for A packed by `pack_a`.
@@ -199,6 +237,12 @@ pub fn sgemm_packed(pa: &PackedA, n: usize, alpha: f32, b: Mat, beta: f32, c: &m
             assert!(has_avx2_fma(), "sgemm_packed: the AVX2 path on a CPU without AVX2 and FMA");
             // SAFETY: as above, for AVX2+FMA.
             unsafe { avx2::gemm_packed(m, k, n, alpha, &pa.data, b, beta, c) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512Bf16 => {
+            assert!(has_bf16(), "sgemm_packed: the bf16 path on a CPU without AVX512-BF16");
+            // SAFETY: as above, for AVX-512 BF16; pairs is bf16::pack_a of [m, k].
+            unsafe { bf16::gemm_packed(m, k, n, alpha, &pa.pairs, b, beta, c) }
         }
         _ => sgemm_on(Path::Fallback, m, k, n, alpha, Mat::rows(&pa.data, k), b, beta, c),
     }
@@ -229,6 +273,12 @@ pub fn sgemm_nt_acc_on(path: Path, m: usize, n: usize, len: usize, a: &[f32], ld
             assert!(has_avx2_fma(), "sgemm_nt_acc: the AVX2 path on a CPU without AVX2 and FMA");
             // SAFETY: AVX2+FMA present and the sizes checked above.
             unsafe { avx2::gemm_nt_acc(m, n, len, a, lda, b, ldb, c) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512Bf16 => {
+            assert!(has_bf16(), "sgemm_nt_acc: the bf16 path on a CPU without AVX512-BF16");
+            // SAFETY: AVX-512 BF16 present and the sizes checked above.
+            unsafe { bf16::gemm_nt_acc(m, n, len, a, lda, b, ldb, c) }
         }
         _ => sgemm_on(Path::Fallback, m, len, n, 1.0, Mat { data: a, rs: lda, cs: 1 }, Mat { data: b, rs: 1, cs: ldb }, 1.0, c),
     }

@@ -141,7 +141,7 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32,
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_nt_acc(m: usize, n: usize, len: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32]) {
     // SAFETY: as the caller promises.
-    unsafe { blocked::nt_acc::<3, 4, 8>(dot_tile, reduce, PC, JB, m, n, len, a, lda, b, ldb, c) }
+    unsafe { blocked::nt_acc::<3, 4, 8, f32>(dot_tile, reduce, PC, JB, m, n, len, a, lda, b, ldb, c) }
 }
 
 /// The sum of 8 lane partials, as a fixed tree.

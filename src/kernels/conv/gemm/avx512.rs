@@ -12,8 +12,8 @@ use super::{Mat, blocked};
 /// The register tile and the row-major B packer.
 const KERNELS: blocked::Kernels = blocked::Kernels { tile: kernel, rows: Some(pack_rows) };
 
-const MR: usize = 8;
-const NR: usize = 48;
+pub(super) const MR: usize = 8;
+pub(super) const NR: usize = 48;
 const KC: usize = 128;
 const NC: usize = 16 * NR;
 /// Reduction chunk of `gemm_nt_acc` (a multiple of 16): a 4x6 tile's six
@@ -35,7 +35,7 @@ const JB: usize = 8;
 /// AVX-512F; p has 16 floats after it.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn ld(p: *const f32) -> __m512 {
+pub(super) unsafe fn ld(p: *const f32) -> __m512 {
     // SAFETY: as the caller promises.
     unsafe { _mm512_maskz_loadu_ps(0xffff, p) }
 }
@@ -90,6 +90,18 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32,
             }
         }
     }
+    // SAFETY: as the caller promises.
+    unsafe { store_tile(&acc, alpha, beta, c, ldc, rows, cols) }
+}
+
+/// Writes an MR x NR tile of accumulators: C[..rows, ..cols] = alpha·acc +
+/// beta·C (C not read when beta is 0), the last 16-column group through a mask.
+///
+/// # Safety
+/// AVX-512F; c: rows rows `ldc` apart of at least cols floats.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn store_tile(acc: &[[__m512; 3]; MR], alpha: f32, beta: f32, c: *mut f32, ldc: usize, rows: usize, cols: usize) {
     let mask = |t: usize| -> __mmask16 {
         let w = cols.saturating_sub(16 * t).min(16);
         ((1u32 << w) - 1) as __mmask16
@@ -156,11 +168,11 @@ unsafe fn pack_rows(src: *const f32, stride: usize, kc: usize, nc: usize, dst: *
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_nt_acc(m: usize, n: usize, len: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32]) {
     // SAFETY: as the caller promises.
-    unsafe { blocked::nt_acc::<4, 6, 16>(dot_tile, reduce, PC, JB, m, n, len, a, lda, b, ldb, c) }
+    unsafe { blocked::nt_acc::<4, 6, 16, f32>(dot_tile, reduce, PC, JB, m, n, len, a, lda, b, ldb, c) }
 }
 
 /// The sum of 16 lane partials.
-fn reduce(v: &[f32]) -> f32 {
+pub(super) fn reduce(v: &[f32]) -> f32 {
     assert!(v.len() == 16);
     // SAFETY: the caller of `gemm_nt_acc` (the only user) checked AVX-512F; v holds 16 floats.
     unsafe { reduce16(v.as_ptr()) }

@@ -24,9 +24,14 @@ thread_local! {
 }
 
 /// One MR x NR tile: C[..rows, ..cols] = alpha·Apanel·Bpanel + beta·C, for
-/// an A panel of kc·MR and a B panel of kc·NR floats and C's rows `ldc` apart.
+/// an A panel of kc·MR and a B panel of kc·NR elements (f32, or `bf16`'s
+/// u32 pairs along k) and C's rows `ldc` apart (f32).
 /// Arguments: kc, a, b, alpha, beta, c, ldc, rows, cols.
-pub(super) type TileKernel = unsafe fn(usize, *const f32, *const f32, f32, f32, *mut f32, usize, usize, usize);
+pub(super) type TileKernel<E = f32> = unsafe fn(usize, *const E, *const E, f32, f32, *mut f32, usize, usize, usize);
+
+/// Packs B's k rows pc..pc+kc, columns jc..jc+nc into NR-column panels of
+/// kc·NR elements (zero past the matrix edge). Arguments: pc, kc, jc, nc, dst.
+pub(super) type PackB<'a, E> = &'a mut dyn FnMut(usize, usize, usize, usize, &mut [E]);
 
 /// Packs kc rows of nc floats (row-major, rows `ld` apart) into NR-column
 /// panels of kc·NR floats as `pack_b` does (zero past nc), in the
@@ -61,7 +66,7 @@ pub(super) unsafe fn gemm<const MR: usize, const NR: usize>(
         let ap = aligned(av, m.div_ceil(MR) * MR * k);
         pack_a::<MR>(&a, m, k, blocks[1], ap);
         // SAFETY: as the caller promises; ap holds A packed as `body` reads it.
-        unsafe { body::<MR, NR>(kernel, blocks, ap, m, k, n, alpha, b, beta, c, bv) }
+        unsafe { body::<MR, NR, f32>(kernel.tile, &mut f32_packer::<NR>(kernel, b, n), blocks, ap, m, k, n, alpha, beta, c, bv) }
     })
 }
 
@@ -86,48 +91,54 @@ pub(super) unsafe fn gemm_packed<const MR: usize, const NR: usize>(
     BUFS.with(|bufs| {
         let bv = &mut bufs.borrow_mut().1;
         // SAFETY: as the caller promises.
-        unsafe { body::<MR, NR>(kernel, blocks, ap, m, k, n, alpha, b, beta, c, bv) }
+        unsafe { body::<MR, NR, f32>(kernel.tile, &mut f32_packer::<NR>(kernel, b, n), blocks, ap, m, k, n, alpha, beta, c, bv) }
     })
 }
 
-/// The loops of `gemm` after A is packed (`bv`: the B packing buffer).
+/// The B packer of the f32 kernels: the instruction set's row packer for a
+/// row-major B, else `pack_b`'s portable loop.
+fn f32_packer<const NR: usize>(kernel: Kernels, b: Mat, n: usize) -> impl FnMut(usize, usize, usize, usize, &mut [f32]) {
+    move |pc, kc, jc, nc, bp| match kernel.rows {
+        // SAFETY: B's rows pc..pc+kc hold columns jc..jc+nc (sgemm_on
+        // checked B's extent); bp holds kc·NR per panel; the kernel's
+        // instruction set is the one its caller checked
+        Some(rows) if b.cs == 1 => unsafe { rows(b.data.as_ptr().wrapping_add(pc * b.rs + jc), b.rs, kc, nc, bp.as_mut_ptr()) },
+        _ => pack_b::<NR>(&b, n, pc, kc, jc, nc, bp),
+    }
+}
+
+/// The loops of `gemm` after A is packed (k in elements of E; `bv`: the B
+/// packing buffer, filled by `pack`).
 ///
 /// # Safety
-/// As `gemm_packed`.
+/// As `gemm_packed`; `pack` writes the panels `tile` reads.
 #[allow(clippy::too_many_arguments)]
-unsafe fn body<const MR: usize, const NR: usize>(
-    kernel: Kernels, [mb, kb, nb]: [usize; 3], ap: &[f32], m: usize, k: usize, n: usize, alpha: f32, b: Mat, beta: f32, c: &mut [f32], bv: &mut Vec<f32>,
+pub(super) unsafe fn body<const MR: usize, const NR: usize, E: Copy + Default>(
+    tile: TileKernel<E>, pack: PackB<E>, [mb, kb, nb]: [usize; 3], ap: &[E], m: usize, k: usize, n: usize, alpha: f32, beta: f32, c: &mut [f32], bv: &mut Vec<E>,
 ) {
     let mp = m.div_ceil(MR);
     let mbp = (mb / MR).max(1);
-    {
-        let bp = aligned(bv, kb * nb.min(n.div_ceil(NR) * NR));
-        for jc in (0..n).step_by(nb) {
-            let nc = nb.min(n - jc);
-            for pc in (0..k).step_by(kb) {
-                let kc = kb.min(k - pc);
-                match kernel.rows {
-                    // SAFETY: B's rows pc..pc+kc hold columns jc..jc+nc
-                    // (sgemm_on checked B's extent); bp holds kc·NR per panel
-                    Some(rows) if b.cs == 1 => unsafe { rows(b.data.as_ptr().wrapping_add(pc * b.rs + jc), b.rs, kc, nc, bp.as_mut_ptr()) },
-                    _ => pack_b::<NR>(&b, n, pc, kc, jc, nc, bp),
-                }
-                let beta = if pc == 0 { beta } else { 1.0 };
-                for ib in (0..mp).step_by(mbp) {
-                    for jp in 0..nc.div_ceil(NR) {
-                        let j0 = jc + jp * NR;
-                        for ip in ib..mp.min(ib + mbp) {
-                            let i0 = ip * MR;
-                            // SAFETY: the panels hold kc·MR and kc·NR floats; the
-                            // tile's rows i0..i0+rows, columns j0..j0+cols lie in
-                            // c [m, n]; the caller vouches for the CPU.
-                            unsafe {
-                                (kernel.tile)(
-                                    kc, ap.as_ptr().wrapping_add(pc * mp * MR + ip * kc * MR), bp.as_ptr().wrapping_add(jp * kc * NR), alpha, beta,
-                                    c.as_mut_ptr().wrapping_add(i0 * n + j0), n, MR.min(m - i0), NR.min(n - j0),
-                                )
-                            };
-                        }
+    let bp = aligned(bv, kb * nb.min(n.div_ceil(NR) * NR));
+    for jc in (0..n).step_by(nb) {
+        let nc = nb.min(n - jc);
+        for pc in (0..k).step_by(kb) {
+            let kc = kb.min(k - pc);
+            pack(pc, kc, jc, nc, bp);
+            let beta = if pc == 0 { beta } else { 1.0 };
+            for ib in (0..mp).step_by(mbp) {
+                for jp in 0..nc.div_ceil(NR) {
+                    let j0 = jc + jp * NR;
+                    for ip in ib..mp.min(ib + mbp) {
+                        let i0 = ip * MR;
+                        // SAFETY: the panels hold kc·MR and kc·NR elements; the
+                        // tile's rows i0..i0+rows, columns j0..j0+cols lie in
+                        // c [m, n]; the caller vouches for the CPU.
+                        unsafe {
+                            tile(
+                                kc, ap.as_ptr().wrapping_add(pc * mp * MR + ip * kc * MR), bp.as_ptr().wrapping_add(jp * kc * NR), alpha, beta,
+                                c.as_mut_ptr().wrapping_add(i0 * n + j0), n, MR.min(m - i0), NR.min(n - j0),
+                            )
+                        };
                     }
                 }
             }
@@ -136,11 +147,11 @@ unsafe fn body<const MR: usize, const NR: usize>(
 }
 
 /// Adds the TI x TJ lane-wise products of a's and b's rows over `len`
-/// floats to `part` (TI·TJ vectors of L lanes, row-major [TI][TJ][L]), or,
+/// elements (f32, or bf16 as u16) to `part` (f32) (TI·TJ vectors of L lanes, row-major [TI][TJ][L]), or,
 /// when `first`, writes them there (part's old contents ignored: no zero
 /// fill of the partials before each column block).
 /// Arguments: len, a's TI row pointers, b's TJ row pointers, part, first.
-pub(super) type DotTile<const TI: usize, const TJ: usize> = unsafe fn(usize, [*const f32; TI], [*const f32; TJ], &mut [f32], bool);
+pub(super) type DotTile<const TI: usize, const TJ: usize, E = f32> = unsafe fn(usize, [*const E; TI], [*const E; TJ], &mut [f32], bool);
 
 /// C [m, n] += A [m, len] · B [n, len]ᵀ with the `tile` kernel (see the file
 /// header): chunks of `pc` floats, `jb` b tiles per pass over a's chunk;
@@ -151,8 +162,8 @@ pub(super) type DotTile<const TI: usize, const TJ: usize> = unsafe fn(usize, [*c
 /// # Safety
 /// The CPU runs `tile`; the operands hold what `super::sgemm_nt_acc_on` checks.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn nt_acc<const TI: usize, const TJ: usize, const L: usize>(
-    tile: DotTile<TI, TJ>, reduce: fn(&[f32]) -> f32, pc: usize, jb: usize, m: usize, n: usize, len: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32],
+pub(super) unsafe fn nt_acc<const TI: usize, const TJ: usize, const L: usize, E>(
+    tile: DotTile<TI, TJ, E>, reduce: fn(&[f32]) -> f32, pc: usize, jb: usize, m: usize, n: usize, len: usize, a: &[E], lda: usize, b: &[E], ldb: usize, c: &mut [f32],
 ) {
     let ti = m.div_ceil(TI);
     let tsz = TI * TJ * L;
@@ -169,10 +180,10 @@ pub(super) unsafe fn nt_acc<const TI: usize, const TJ: usize, const L: usize>(
                 for jt in 0..tj {
                     let j0 = j_blk + TJ * jt;
                     // rows past the edge repeat the first one; their sums are dropped
-                    let bj: [*const f32; TJ] = std::array::from_fn(|t| b[(if j0 + t < n { j0 + t } else { j0 }) * ldb + p0..].as_ptr());
+                    let bj: [*const E; TJ] = std::array::from_fn(|t| b[(if j0 + t < n { j0 + t } else { j0 }) * ldb + p0..].as_ptr());
                     for it in 0..ti {
                         let i0 = TI * it;
-                        let ai: [*const f32; TI] = std::array::from_fn(|t| a[(if i0 + t < m { i0 + t } else { i0 }) * lda + p0..].as_ptr());
+                        let ai: [*const E; TI] = std::array::from_fn(|t| a[(if i0 + t < m { i0 + t } else { i0 }) * lda + p0..].as_ptr());
                         let part = &mut parts[(it * jb + jt) * tsz..][..tsz];
                         // SAFETY: every row pointer has pl floats after it
                         // (checked sizes); part holds TI·TJ vectors; the
@@ -197,12 +208,13 @@ pub(super) unsafe fn nt_acc<const TI: usize, const TJ: usize, const L: usize>(
     })
 }
 
-/// `len` floats of `v` starting on a 64-byte boundary (growing `v` as needed).
-fn aligned(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if v.len() < len + 16 {
-        v.resize(len + 16, 0.0);
+/// `len` elements of `v` starting on a 64-byte boundary (growing `v` as needed).
+pub(super) fn aligned<E: Copy + Default>(v: &mut Vec<E>, len: usize) -> &mut [E] {
+    let slack = 64 / size_of::<E>();
+    if v.len() < len + slack {
+        v.resize(len + slack, E::default());
     }
-    let off = v.as_ptr().align_offset(64).min(16);
+    let off = v.as_ptr().align_offset(64).min(slack);
     &mut v[off..off + len]
 }
 
@@ -237,6 +249,26 @@ fn pack_a<const MR: usize>(a: &Mat, m: usize, k: usize, kb: usize, ap: &mut [f32
             }
         }
     }
+}
+
+/// `pack_a`'s panels for any element type: element (kk, r) of a k block's
+/// panel ip is `at(ip·MR + r, pc + kk)` (E's default past row m), k
+/// counted in elements of E.
+pub(super) fn pack_a_with<const MR: usize, E: Copy + Default>(m: usize, k: usize, kb: usize, at: impl Fn(usize, usize) -> E) -> Vec<E> {
+    let mp = m.div_ceil(MR);
+    let mut ap = vec![E::default(); mp * MR * k];
+    for pc in (0..k).step_by(kb) {
+        let kc = kb.min(k - pc);
+        for ip in 0..mp {
+            let dst = &mut ap[pc * mp * MR + ip * kc * MR..][..kc * MR];
+            for (kk, d) in dst.chunks_exact_mut(MR).enumerate() {
+                for (r, v) in d.iter_mut().enumerate().take(m.saturating_sub(ip * MR)) {
+                    *v = at(ip * MR + r, pc + kk);
+                }
+            }
+        }
+    }
+    ap
 }
 
 /// B [pc..pc+kc, jc..jc+nc] as NR-column panels of kc·NR floats, element
@@ -382,8 +414,8 @@ mod tests {
             let want: Vec<f32> = (0..m * n).map(|i| 1.0 + (0..k).map(|p| ad[(i / n) * k + p] * bt[(i % n) * k + p]).sum::<f32>()).collect();
             let sum = |v: &[f32]| v.iter().sum::<f32>();
             for (name, c) in [
-                ("4x6x16", { let mut c = vec![1.0; m * n]; unsafe { nt_acc::<4, 6, 16>(scalar_dot::<4, 6, 16>, sum, 512, 8, m, n, k, &ad, k, &bt, k, &mut c) }; c }),
-                ("3x4x8", { let mut c = vec![1.0; m * n]; unsafe { nt_acc::<3, 4, 8>(scalar_dot::<3, 4, 8>, sum, 512, 8, m, n, k, &ad, k, &bt, k, &mut c) }; c }),
+                ("4x6x16", { let mut c = vec![1.0; m * n]; unsafe { nt_acc::<4, 6, 16, f32>(scalar_dot::<4, 6, 16>, sum, 512, 8, m, n, k, &ad, k, &bt, k, &mut c) }; c }),
+                ("3x4x8", { let mut c = vec![1.0; m * n]; unsafe { nt_acc::<3, 4, 8, f32>(scalar_dot::<3, 4, 8>, sum, 512, 8, m, n, k, &ad, k, &bt, k, &mut c) }; c }),
             ] {
                 for i in 0..m * n {
                     assert!((c[i] - want[i]).abs() <= 1e-3 * (1.0 + want[i].abs()), "nt {name} ({m}, {k}, {n}): [{i}] {} vs {}", c[i], want[i]);
