@@ -129,7 +129,7 @@ pub enum PrecisionArg {
 /// The training step's precision for `--precision` (None: auto) at `freeze`.
 fn resolve_precision(arg: Option<PrecisionArg>, freeze: usize, train: TrainWhat) -> Result<Precision> {
     let below = freeze < crate::graph::cut::HEAD_ONLY && train != TrainWhat::Cls;
-    let has = crate::kernels::conv::has_bf16();
+    let has = crate::kernels::conv::bf16_path().is_some();
     Ok(match arg.unwrap_or(PrecisionArg::Auto) {
         PrecisionArg::Auto if below && has => Precision::Bf16,
         PrecisionArg::Auto | PrecisionArg::F32 => Precision::F32,

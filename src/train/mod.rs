@@ -395,7 +395,7 @@ pub fn load_opt(run: &Path) -> Result<TrainOptions> {
     let p = run.join("opt.yaml");
     let text = std::fs::read_to_string(&p).with_context(|| format!("{} is not a training run (no opt.yaml)", run.display()))?;
     let o: TrainOptions = serde_yaml::from_str(&text).with_context(|| format!("{} is damaged", p.display()))?;
-    if o.precision == Precision::Bf16 && !crate::kernels::conv::has_bf16() {
+    if o.precision == Precision::Bf16 && crate::kernels::conv::bf16_path().is_none() {
         bail!(
             "{} trains its layers below --freeze 24 with bf16 GEMMs, which this CPU cannot run (no AVX512-BF16); resume it on a CPU that has them (Intel Cooper Lake, Sapphire Rapids or later; AMD Zen 4 or later), or start a new run with --precision f32",
             run.display()
