@@ -18,6 +18,7 @@ median, and the load average before each run. Standard library only.
 Usage (repository root; the peer needs .venv-tools, see tools/README.md):
     python3 tools/bench_freeze.py --bin target/debug/freezesplit --freeze 24,17,10 --epochs 2 --reps 2
     python3 tools/bench_freeze.py --epochs 30 --no-peer          # the 30-epoch accuracy column
+    python3 tools/bench_freeze.py --freeze 20,10 --precision bf16,f32 --reps 2   # train's --precision, both
 """
 from __future__ import annotations
 
@@ -49,11 +50,12 @@ def timed(cmd: list[str], env=None) -> tuple[str, int]:
     return out, rss
 
 
-def ours(a, n: int, runs: Path, rep: int) -> dict:
+def ours(a, n: int, runs: Path, rep: int, precision: str) -> dict:
     info = json.loads(subprocess.run([a.bin, "inspect", a.weights, "--freeze", str(n), "--json"], capture_output=True, text=True, check=True).stdout)
     cut = info["freeze"]
     out, rss = timed([a.bin, "train", "--weights", a.weights, "--data", a.data, "--freeze", str(n), "--epochs", str(a.epochs),
-                      "--batch-size", "16", *(["--cache-dir", a.cache_dir] if a.cache_dir else []), "--project", str(runs), "--name", f"n{n}-r{rep}", "--exist-ok"])
+                      "--batch-size", "16", "--precision", precision, *(["--cache-dir", a.cache_dir] if a.cache_dir else []), "--project", str(runs),
+                      "--name", f"n{n}-{precision}-r{rep}", "--exist-ok"])
     rows = [(float(m), float(t), float(v)) for m, t, v in EPOCH_LINE.findall(out)]
     if not rows:
         sys.exit(f"error: no epoch lines in freezesplit's output:\n{out[-3000:]}")
@@ -83,12 +85,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--cache-dir", help="freezesplit's cache (default: its own default)")
+    ap.add_argument("--precision", default="auto", help="train's --precision; several, comma-separated (e.g. bf16,f32), each run in turn before the peer")
     a = ap.parse_args()
     runs = Path(tempfile.mkdtemp(prefix="bench-freeze-"))
     results: dict[tuple[str, int], list[dict]] = {}
     for rep in range(a.reps):
         for n in [int(v) for v in a.freeze.split(",")]:
-            sides = [("freezesplit", lambda: ours(a, n, runs, rep))] + ([] if a.no_peer else [("peer", lambda: peer(a, n))])
+            precisions = a.precision.split(",")
+            label = lambda p: "freezesplit" if len(precisions) == 1 else f"ours-{p}"  # noqa: E731
+            sides = [(label(p), lambda p=p: ours(a, n, runs, rep, p)) for p in precisions] + ([] if a.no_peer else [("peer", lambda: peer(a, n))])
             for side, run in sides:
                 before = load()
                 r = run()

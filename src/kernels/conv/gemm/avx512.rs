@@ -194,9 +194,8 @@ unsafe fn reduce16(p: *const f32) -> f32 {
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn dot_tile(len: usize, a: [*const f32; 4], b: [*const f32; 6], part: &mut [f32], first: bool) {
-    let pp = part.as_mut_ptr();
-    // SAFETY: part holds 24 vectors (read only after a first chunk).
-    let mut acc: [[__m512; 6]; 4] = std::array::from_fn(|r| std::array::from_fn(|t| if first { _mm512_setzero_ps() } else { unsafe { ld(pp.wrapping_add((r * 6 + t) * 16)) } }));
+    // SAFETY: part holds 24 vectors.
+    let mut acc = unsafe { load_parts(part, first) };
     let full = len / 16;
     for s in 0..full {
         // SAFETY: 16·s + 16 <= len.
@@ -224,6 +223,33 @@ unsafe fn dot_tile(len: usize, a: [*const f32; 4], b: [*const f32; 6], part: &mu
             }
         }
     }
+    // SAFETY: part holds 24 vectors.
+    unsafe { store_parts(part, &acc) }
+}
+
+/// A 4x6 dot tile's lane partials from `part` ([4][6][16] floats), or
+/// zeros on a reduction's first chunk (part not read).
+///
+/// # Safety
+/// AVX-512F; part holds 384 floats.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn load_parts(part: &[f32], first: bool) -> [[__m512; 6]; 4] {
+    assert!(part.len() >= 384);
+    let pp = part.as_ptr();
+    // SAFETY: within part's 24 vectors.
+    std::array::from_fn(|r| std::array::from_fn(|t| if first { _mm512_setzero_ps() } else { unsafe { ld(pp.wrapping_add((r * 6 + t) * 16)) } }))
+}
+
+/// Writes a 4x6 dot tile's lane partials back to `part`.
+///
+/// # Safety
+/// AVX-512F; part holds 384 floats.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn store_parts(part: &mut [f32], acc: &[[__m512; 6]; 4]) {
+    assert!(part.len() >= 384);
+    let pp = part.as_mut_ptr();
     for r in 0..4 {
         for t in 0..6 {
             // SAFETY: within part's 24 vectors.

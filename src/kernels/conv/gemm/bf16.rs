@@ -250,9 +250,8 @@ unsafe fn rows_to_bf16(src: &[f32], ld: usize, rows: usize, len: usize, lp: usiz
 /// `available()`; every pointer has len u16 after it; part 384 floats.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn dot_tile(len: usize, a: [*const u16; 4], b: [*const u16; 6], part: &mut [f32], first: bool) {
-    let pp = part.as_mut_ptr();
-    // SAFETY: part holds 24 vectors (read only after a first chunk).
-    let mut acc: [[__m512; 6]; 4] = std::array::from_fn(|r| std::array::from_fn(|t| if first { _mm512_setzero_ps() } else { unsafe { avx512::ld(pp.wrapping_add((r * 6 + t) * 16)) } }));
+    // SAFETY: part holds 24 vectors.
+    let mut acc = unsafe { avx512::load_parts(part, first) };
     for o in (0..len).step_by(32) {
         // SAFETY: o + 32 <= len words after every pointer.
         unsafe {
@@ -265,12 +264,8 @@ unsafe fn dot_tile(len: usize, a: [*const u16; 4], b: [*const u16; 6], part: &mu
             }
         }
     }
-    for r in 0..4 {
-        for t in 0..6 {
-            // SAFETY: within part's 24 vectors.
-            unsafe { _mm512_mask_storeu_ps(pp.wrapping_add((r * 6 + t) * 16), 0xffff, acc[r][t]) };
-        }
-    }
+    // SAFETY: part holds 24 vectors.
+    unsafe { avx512::store_parts(part, &acc) }
 }
 
 #[cfg(test)]
