@@ -65,8 +65,30 @@ fn pair(lo: f32, hi: f32) -> u32 {
 
 /// A [m, k] as pair panels for `gemm_packed` (k / 2 rounded up pairs).
 pub fn pack_a(m: usize, k: usize, a: &Mat) -> Vec<u32> {
-    let at = |i: usize, kk: usize| if kk < k { a.at(i, kk) } else { 0.0 };
-    blocked::pack_a_with::<MR, u32>(m, k.div_ceil(2), KCP, |i, q| pair(at(i, 2 * q), at(i, 2 * q + 1)))
+    let kp = k.div_ceil(2);
+    if (a.cs != 1 && a.rs != 1) || !available() {
+        let at = |i: usize, kk: usize| if kk < k { a.at(i, kk) } else { 0.0 };
+        return blocked::pack_a_with::<MR, u32>(m, kp, KCP, |i, q| pair(at(i, 2 * q), at(i, 2 * q + 1)));
+    }
+    // blocked::pack_a_with's layout: per k block, the row panels one after another
+    let mp = m.div_ceil(MR);
+    let mut ap = vec![0u32; mp * MR * kp];
+    for pc in (0..kp).step_by(KCP) {
+        let kc = KCP.min(kp - pc);
+        let dst = ap[pc * mp * MR..].as_mut_ptr();
+        // SAFETY: available() checked; A [m, k] holds what sgemm_on checks,
+        // read from k index 2pc on; dst holds mp panels of kc·MR.
+        unsafe {
+            if a.cs == 1 {
+                // a row-major A (dY in a small map's weight gradient): pairs along its rows
+                pack_cols::<MR>(a.data.as_ptr().wrapping_add(2 * pc), a.rs, m, k - 2 * pc, kc, dst)
+            } else {
+                // a transposed A (Wᵀ in dX): a pair is two of its rows' same column
+                pack_rows::<MR>(a.data.as_ptr().wrapping_add(2 * pc * a.cs), a.cs, kc, k - 2 * pc, m, dst)
+            }
+        }
+    }
+    ap
 }
 
 /// C = alpha·A·B + beta·C (see `super::sgemm_on`), A and B rounded to bf16.
@@ -92,7 +114,12 @@ pub unsafe fn gemm_packed(m: usize, k: usize, n: usize, alpha: f32, ap: &[u32], 
         if b.cs == 1 {
             // SAFETY: rows 2pc..min(2(pc+kc), k) of B hold columns jc..jc+nc
             // (sgemm_on checked B's extent); bp holds kc·NR per panel.
-            unsafe { pack_rows(b.data.as_ptr().wrapping_add(2 * pc * b.rs + jc), b.rs, kc, (k - 2 * pc).min(2 * kc), nc, bp.as_mut_ptr()) }
+            unsafe { pack_rows::<NR>(b.data.as_ptr().wrapping_add(2 * pc * b.rs + jc), b.rs, kc, (k - 2 * pc).min(2 * kc), nc, bp.as_mut_ptr()) }
+        } else if b.rs == 1 {
+            // a transposed B (the col matrix in a small map's weight
+            // gradient): each column's pairs are adjacent floats
+            // SAFETY: columns jc..jc+nc of B hold rows 2pc..k; as above.
+            unsafe { pack_cols::<NR>(b.data.as_ptr().wrapping_add(jc * b.cs + 2 * pc), b.cs, nc, k - 2 * pc, kc, bp.as_mut_ptr()) }
         } else {
             pack_b_any(&b, k, n, pc, kc, jc, nc, bp)
         }
@@ -122,16 +149,17 @@ fn pack_b_any(b: &Mat, k: usize, n: usize, pc: usize, kc: usize, jc: usize, nc: 
     }
 }
 
-/// Pair panels of a row-major B: `rows` (≤ 2·kcp) rows of nc floats,
-/// `stride` apart, as kcp pair rows (zero pairs past the rows and columns):
-/// per 16 columns, two rows rounded in one `vcvtne2ps2bf16` and interleaved
-/// by a word permutation.
+/// Pair panels from pairs of source rows: `rows` (≤ 2·kcp) rows of nc
+/// floats, `stride` apart, as kcp pair rows of W-column panels (zero pairs
+/// past the rows and columns): per 16 columns, two rows rounded in one
+/// `vcvtne2ps2bf16` and interleaved by a word permutation. B row-major
+/// (W = NR), or A transposed (W = MR: its rows are the columns here).
 ///
 /// # Safety
 /// `available()`; src has `rows` rows of nc floats; dst holds
-/// ceil(nc / NR) panels of kcp·NR u32.
+/// ceil(nc / W) panels of kcp·W u32.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_rows(src: *const f32, stride: usize, kcp: usize, rows: usize, nc: usize, dst: *mut u32) {
+unsafe fn pack_rows<const W: usize>(src: *const f32, stride: usize, kcp: usize, rows: usize, nc: usize, dst: *mut u32) {
     // word 2i <- word i (row 0's column i), word 2i+1 <- word 16+i (row 1's)
     let idx = _mm512_set_epi16(
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
@@ -140,22 +168,91 @@ unsafe fn pack_rows(src: *const f32, stride: usize, kcp: usize, rows: usize, nc:
         let r0 = src.wrapping_add(2 * q * stride);
         let r1 = r0.wrapping_add(stride);
         let (has0, has1) = (2 * q < rows, 2 * q + 1 < rows);
-        for jp in 0..nc.div_ceil(NR) {
-            let d = dst.wrapping_add((jp * kcp + q) * NR);
-            for t in 0..3 {
-                let j = jp * NR + 16 * t;
-                let w = nc.saturating_sub(j).min(16);
-                let mask = ((1u32 << w) - 1) as __mmask16;
+        for jp in 0..nc.div_ceil(W) {
+            let d = dst.wrapping_add((jp * kcp + q) * W);
+            for t in (0..W).step_by(16) {
+                let j = jp * W + t;
+                let (w, lanes) = (nc.saturating_sub(j).min(16).min(W - t), (W - t).min(16));
+                let (mask, smask) = (((1u32 << w) - 1) as __mmask16, ((1u32 << lanes) - 1) as __mmask16);
                 // SAFETY: only the w columns left in rows that exist are
                 // read; the panel row of dst is written whole.
                 unsafe {
                     let lo = if has0 { _mm512_maskz_loadu_ps(mask, r0.wrapping_add(j)) } else { _mm512_setzero_ps() };
                     let hi = if has1 { _mm512_maskz_loadu_ps(mask, r1.wrapping_add(j)) } else { _mm512_setzero_ps() };
                     let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-                    _mm512_mask_storeu_epi32(d.wrapping_add(16 * t) as *mut i32, 0xffff, _mm512_permutexvar_epi16(idx, both));
+                    _mm512_mask_storeu_epi32(d.wrapping_add(t) as *mut i32, smask, _mm512_permutexvar_epi16(idx, both));
                 }
             }
         }
+    }
+}
+
+/// Pair panels from source rows that hold their pairs as adjacent floats:
+/// n rows (`ld` apart) of kf floats, row r becoming column r mod W of panel
+/// r / W, as kcp pair rows (zero past n rows and kf floats): per 16 rows x
+/// 16 pairs, each row's 32 floats rounded in one `vcvtne2ps2bf16` (pair q
+/// lands in 32-bit lane q), then a 16x16 transpose. B transposed (W = NR),
+/// or A row-major (W = MR).
+///
+/// # Safety
+/// `available()`; src has n rows of min(kf, 2·kcp) floats; dst holds
+/// ceil(n / W) panels of kcp·W u32.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_cols<const W: usize>(src: *const f32, ld: usize, n: usize, kf: usize, kcp: usize, dst: *mut u32) {
+    let kf = kf.min(2 * kcp);
+    let mask = |w: usize| ((1u32 << w.min(16)) - 1) as __mmask16;
+    for p in 0..n.div_ceil(W) {
+        let panel = dst.wrapping_add(p * kcp * W);
+        for rb in (0..W).step_by(16) {
+            let lanes = (W - rb).min(16);
+            for q0 in (0..kcp).step_by(16) {
+                let rem = kf.saturating_sub(2 * q0);
+                let (mlo, mhi) = (mask(rem), mask(rem.saturating_sub(16)));
+                let mut v = [_mm512_setzero_si512(); 16];
+                for (i, vi) in v.iter_mut().enumerate().take(lanes) {
+                    let r = p * W + rb + i;
+                    if r < n {
+                        let s = src.wrapping_add(r * ld + 2 * q0);
+                        // SAFETY: the masked lanes lie within row r's kf floats.
+                        unsafe { *vi = std::mem::transmute(_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mhi, s.wrapping_add(16)), _mm512_maskz_loadu_ps(mlo, s))) };
+                    }
+                }
+                transpose16(&mut v);
+                for (e, ve) in v.iter().enumerate().take((kcp - q0).min(16)) {
+                    // SAFETY: pair row q0 + e < kcp of the panel, lanes rb..rb+lanes < W.
+                    unsafe { _mm512_mask_storeu_epi32(panel.wrapping_add((q0 + e) * W + rb) as *mut i32, mask(lanes), *ve) };
+                }
+            }
+        }
+    }
+}
+
+/// Transposes a 16x16 matrix of 32-bit lanes (row i in v[i]) in place:
+/// 32-bit, then 64-bit interleaves within 128-bit lanes, then two rounds of
+/// 128-bit lane shuffles.
+#[target_feature(enable = "avx512f")]
+fn transpose16(v: &mut [__m512i; 16]) {
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    // v[4i + m]: in 128-bit lane l, element 4l + m of rows 4i..4i+4
+    for i in 0..4 {
+        v[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        v[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        v[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        v[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for i in 0..2 {
+        for j in 0..4 {
+            t[8 * i + j] = _mm512_shuffle_i32x4::<0x88>(v[8 * i + j], v[8 * i + j + 4]);
+            t[8 * i + j + 4] = _mm512_shuffle_i32x4::<0xdd>(v[8 * i + j], v[8 * i + j + 4]);
+        }
+    }
+    for j in 0..8 {
+        v[j] = _mm512_shuffle_i32x4::<0x88>(t[j], t[j + 8]);
+        v[j + 8] = _mm512_shuffle_i32x4::<0xdd>(t[j], t[j + 8]);
     }
 }
 
