@@ -16,12 +16,14 @@
 // so that other processes on a shared machine inflate them less than the wall
 // clock; 2 threads use the wall clock.
 // Run: cargo run --features tools --example bench_conv [BATCH]
-// (BENCH_THREADS=1: the 1-thread tables only; BENCH_GEMMS_ONLY=1: the GEMM table only)
+// (BENCH_THREADS=1: the 1-thread tables only; BENCH_GEMMS_ONLY=1: the GEMM table only;
+// BENCH_BF16=1: the convs and GEMMs on the bf16 path (train's --precision bf16),
+// as a % of the bf16 dot-product peak, measured the same way with vdpbf16ps)
 
 use std::time::Instant;
 
 use freezesplit::autograd::Tape;
-use freezesplit::kernels::conv::{Mat, sgemm, sgemm_nt_acc};
+use freezesplit::kernels::conv::{Mat, Path, sgemm_nt_acc_on, sgemm_on};
 use freezesplit::tail::ops::ConvSpec;
 use ndarray::{ArrayD, IxDyn};
 
@@ -68,7 +70,26 @@ mod peak {
         _mm512_reduce_add_ps(s)
     }
 
-    /// GFLOP/s of `threads` copies of the loop at `width` lanes.
+    /// 12 independent bf16 dot-product chains (`vdpbf16ps`: 32 multiply-adds each).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dp_bf16(iters: u64) -> f32 {
+        let mut acc = [_mm512_set1_ps(1.0); 12];
+        let a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.999), _mm512_set1_ps(0.999));
+        let b = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-7), _mm512_set1_ps(1e-7));
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_dpbf16_ps(*v, a, b);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for v in acc {
+            s = _mm512_add_ps(s, v);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
+    /// GFLOP/s of `threads` copies of the loop at `width` lanes (32: the
+    /// bf16 dot product, 32 multiply-adds per instruction).
     pub fn gflops(width: usize, threads: usize) -> f64 {
         let iters = ITERS / width as u64;
         let t0 = std::time::Instant::now();
@@ -78,7 +99,13 @@ mod peak {
                     s.spawn(move || {
                         let c0 = super::cpu_s();
                         // SAFETY: callers check the CPU features first.
-                        let v = unsafe { if width == 16 { fma_avx512(iters) } else { fma_avx2(iters) } };
+                        let v = unsafe {
+                            match width {
+                                32 => dp_bf16(iters),
+                                16 => fma_avx512(iters),
+                                _ => fma_avx2(iters),
+                            }
+                        };
                         std::hint::black_box(v);
                         super::cpu_s() - c0
                     })
@@ -145,6 +172,19 @@ fn best(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+/// The GEMM path timed: the bf16 one with BENCH_BF16=1, else the CPU's f32 default.
+fn gemm_path() -> Path {
+    if std::env::var("BENCH_BF16").is_ok_and(|v| v == "1") {
+        freezesplit::kernels::conv::bf16_path().expect("BENCH_BF16=1 on a CPU without AVX512-BF16")
+    } else {
+        freezesplit::kernels::conv::path()
+    }
+}
+
+fn tape() -> Tape {
+    Tape::with_gemm(gemm_path())
+}
+
 /// (forward, backward dW+db, backward dX) seconds of one conv shape.
 fn time_conv(n: usize, cin: usize, cout: usize, k: usize, s: usize, hw: usize) -> [f64; 3] {
     let spec = ConvSpec::square(k, s, k / 2);
@@ -152,7 +192,7 @@ fn time_conv(n: usize, cin: usize, cout: usize, k: usize, s: usize, hw: usize) -
     let w = rand(&[cout, cin, k, k], 2);
     let b = rand(&[cout], 3);
     let reps = 2;
-    let mut t = Tape::new();
+    let mut t = tape();
     let (xv, wv, bv) = (t.constant(x.clone()), t.constant(w.clone()), t.constant(b.clone()));
     let fwd = best(reps, || {
         std::hint::black_box(t.conv2d(xv, wv, Some(bv), &spec));
@@ -161,7 +201,7 @@ fn time_conv(n: usize, cin: usize, cout: usize, k: usize, s: usize, hw: usize) -
     });
     drop(t);
     let bwd = |x_param: bool| {
-        let mut t = Tape::new();
+        let mut t = tape();
         let xv = if x_param { t.param(x.clone()) } else { t.constant(x.clone()) };
         let (wv, bv) = if x_param { (t.constant(w.clone()), t.constant(b.clone())) } else { (t.param(w.clone()), t.param(b.clone())) };
         let y = t.conv2d(xv, wv, Some(bv), &spec);
@@ -186,11 +226,12 @@ fn time_gemms(cin: usize, cout: usize, k: usize, s: usize, hw: usize) -> [f64; 4
     let (mut out, mut dw, mut dcol) = (vec![0.0f32; m * p], vec![0.0f32; m * kk], vec![0.0f32; kk * p]);
     // a pointwise conv's dX adds into the gradient buffer, a 3x3's overwrites col
     let beta_dx = if g.is_pointwise() { 1.0 } else { 0.0 };
+    let gp = gemm_path();
     [
-        best(2, || sgemm(m, kk, p, 1.0, Mat::rows(&w, kk), Mat::rows(&col, p), 1.0, &mut out)),
-        best(2, || sgemm_nt_acc(m, kk, p, &gy, p, &col, p, &mut dw)),
-        best(2, || sgemm(m, p, kk, 1.0, Mat::rows(&gy, p), Mat::t(&col, p), 0.0, &mut dw)),
-        best(2, || sgemm(kk, m, p, 1.0, Mat::t(&w, kk), Mat::rows(&gy, p), beta_dx, &mut dcol)),
+        best(2, || sgemm_on(gp, m, kk, p, 1.0, Mat::rows(&w, kk), Mat::rows(&col, p), 1.0, &mut out)),
+        best(2, || sgemm_nt_acc_on(gp, m, kk, p, &gy, p, &col, p, &mut dw)),
+        best(2, || sgemm_on(gp, m, p, kk, 1.0, Mat::rows(&gy, p), Mat::t(&col, p), 0.0, &mut dw)),
+        best(2, || sgemm_on(gp, kk, m, p, 1.0, Mat::t(&w, kk), Mat::rows(&gy, p), beta_dx, &mut dcol)),
     ]
 }
 
@@ -211,6 +252,11 @@ fn main() {
             let (a1, a2) = (peak::gflops(16, 1), peak::gflops(16, 2));
             println!("FMA peak AVX-512 (16 lanes): 1 thread {a1:7.1} GFLOP/s   2 threads {a2:7.1} GFLOP/s");
             (peak1, peak2) = (f64::max(peak1, a1), f64::max(peak2, a2));
+        }
+        if gemm_path() == Path::Avx512Bf16 {
+            // the bf16 path's own peak: the percentages below are of it
+            (peak1, peak2) = (peak::gflops(32, 1), peak::gflops(32, 2));
+            println!("bf16 dot-product peak (vdpbf16ps, 32 multiply-adds): 1 thread {peak1:7.1} GFLOP/s   2 threads {peak2:7.1} GFLOP/s");
         }
     }
     // BENCH_GEMMS_ONLY=1: skip the conv tables (a block-size sweep needs only the last one)

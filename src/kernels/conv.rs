@@ -13,7 +13,7 @@
 
 mod gemm;
 
-pub use gemm::{Mat, PackedA, Path, bf16_path, fast_paths, has_avx2_fma, has_avx512, has_bf16, pack_a, path, pack_a_on, sgemm, sgemm_nt_acc, sgemm_nt_acc_on, sgemm_on, sgemm_packed};
+pub use gemm::{Mat, PackedA, Path, bf16_path, fast_paths, has_avx2_fma, has_avx512, has_bf16, pack_a, pack_a_on, path, sgemm, sgemm_nt_acc, sgemm_nt_acc_on, sgemm_on, sgemm_packed};
 
 /// One image's convolution geometry (ONNX Conv, NCHW, no batch, one group).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
