@@ -229,7 +229,7 @@ mod tests {
 
     /// The bf16 path computes the product of the operands rounded to bf16
     /// (to nearest even), summed in f32: against that product in f64, on
-    /// every stride layout, odd k (a zero partner in the last pair), edges
+    /// every stride layout (each packer: row-major, transposed, general), odd k (a zero partner in the last pair), edges
     /// off the 8x48 and 4x6 tiles, several k blocks, chunks and column
     /// blocks; packing A once gives the same bits.
     #[test]
@@ -243,10 +243,12 @@ mod tests {
         // within f32 summation error of the exact sum of the rounded products
         let close = |got: f32, want: f64, mag: f64| (got as f64 - want).abs() <= 1e-5 * mag + 1e-30;
         for (m, k, n) in [(1, 1, 1), (3, 5, 7), (8, 256, 48), (9, 257, 49), (17, 301, 100), (32, 288, 800), (64, 40, 1601), (9, 1100, 53), (13, 515, 131), (7, 77, 17)] {
-            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                let (a, b, c0) = (vals(m * k, 1), vals(k * n, 2), vals(m * n, 3));
-                let am = if ta { Mat::t(&a, m) } else { Mat::rows(&a, k) };
-                let bm = if tb { Mat::t(&b, k) } else { Mat::rows(&b, n) };
+            // st: both operands with neither stride 1 (every other float), the packers' general path
+            for (ta, tb, st) in [(false, false, false), (true, false, false), (false, true, false), (true, true, false), (false, false, true)] {
+                let s = if st { 2 } else { 1 };
+                let (a, b, c0) = (vals(s * m * k, 1), vals(s * k * n, 2), vals(m * n, 3));
+                let am = if st { Mat { data: &a, rs: 2 * k, cs: 2 } } else if ta { Mat::t(&a, m) } else { Mat::rows(&a, k) };
+                let bm = if st { Mat { data: &b, rs: 2 * n, cs: 2 } } else if tb { Mat::t(&b, k) } else { Mat::rows(&b, n) };
                 for beta in [0.0, 0.3] {
                     let mut c1 = c0.clone();
                     sgemm_on(path, m, k, n, 0.7, am, bm, beta, &mut c1);
@@ -255,12 +257,12 @@ mod tests {
                             let terms = (0..k).map(|l| r(am.data[i * am.rs + l * am.cs]) * r(bm.data[l * bm.rs + j * bm.cs]));
                             let (s, mag) = terms.fold((0.0, 0.0), |(s, g), t| (s + t, g + t.abs()));
                             let want = 0.7 * s + beta as f64 * c0[i * n + j] as f64;
-                            assert!(close(c1[i * n + j], want, mag + c0[i * n + j].abs() as f64), "bf16 sgemm {m}x{k}x{n} ta {ta} tb {tb} beta {beta} [{i}, {j}]: {} vs {want}", c1[i * n + j]);
+                            assert!(close(c1[i * n + j], want, mag + c0[i * n + j].abs() as f64), "bf16 sgemm {m}x{k}x{n} ta {ta} tb {tb} st {st} beta {beta} [{i}, {j}]: {} vs {want}", c1[i * n + j]);
                         }
                     }
                     let mut c3 = c0.clone();
                     sgemm_packed(&pack_a_on(path, m, k, am), n, 0.7, bm, beta, &mut c3);
-                    assert!(c3 == c1, "bf16 sgemm_packed {m}x{k}x{n} ta {ta} tb {tb} beta {beta} differs from sgemm");
+                    assert!(c3 == c1, "bf16 sgemm_packed {m}x{k}x{n} ta {ta} tb {tb} st {st} beta {beta} differs from sgemm");
                 }
             }
             // c [m, n] += a [m, k] · b [n, k]ᵀ, rows one float longer than used
