@@ -63,11 +63,13 @@ mod peak {
                 *v = _mm512_fmadd_ps(*v, a, b);
             }
         }
-        let mut s = _mm512_setzero_ps();
-        for v in acc {
-            s = _mm512_add_ps(s, v);
-        }
-        _mm512_reduce_add_ps(s)
+        sum(acc)
+    }
+
+    /// The sum of the chains (so that the loop is not optimised away).
+    #[target_feature(enable = "avx512f")]
+    fn sum(acc: [__m512; 12]) -> f32 {
+        _mm512_reduce_add_ps(acc.into_iter().fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, v)))
     }
 
     /// 12 independent bf16 dot-product chains (`vdpbf16ps`: 32 multiply-adds each).
@@ -81,11 +83,7 @@ mod peak {
                 *v = _mm512_dpbf16_ps(*v, a, b);
             }
         }
-        let mut s = _mm512_setzero_ps();
-        for v in acc {
-            s = _mm512_add_ps(s, v);
-        }
-        _mm512_reduce_add_ps(s)
+        sum(acc)
     }
 
     /// GFLOP/s of `threads` copies of the loop at `width` lanes (32: the
