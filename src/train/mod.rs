@@ -51,7 +51,7 @@ pub enum TrainWhat {
 
 /// The arithmetic of the convolutions of a training step below --freeze 24
 /// (validation, export and the head at 24 always run f32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// f32 operands and sums.
